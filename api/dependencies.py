@@ -1,0 +1,87 @@
+"""Request dependencies: settings, the request's db session (commit at the boundary), the caller's project."""
+import threading
+import time
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from api.errors import APIError
+from core.settings import Settings, get_settings
+from db.models import ApiKey
+from db.repositories.projects import find_active_key
+from db.session import get_sessionmaker
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    session = get_sessionmaker(settings.database_url)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+_bearer = HTTPBearer(auto_error=False)
+
+
+class RateLimiter:
+    """A token bucket per API key, per API process: `per_minute` requests, bursts up to the same number."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def retry_after(self, key_id: str, per_minute: int) -> float:
+        rate = per_minute / 60.0
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key_id, (float(per_minute), now))
+            tokens = min(float(per_minute), tokens + (now - last) * rate)
+            if tokens >= 1.0:
+                self._buckets[key_id] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[key_id] = (tokens, now)
+            return (1.0 - tokens) / rate
+
+
+rate_limiter = RateLimiter()
+
+
+def get_api_key(session: SessionDep, settings: SettingsDep,
+                credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> ApiKey:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise APIError(401, "missing_api_key", "Send your API key as 'Authorization: Bearer <key>'.",
+                       headers={"WWW-Authenticate": "Bearer"})
+    key = find_active_key(session, credentials.credentials)
+    if key is None:
+        raise APIError(401, "invalid_api_key", "This API key is not valid or has been revoked.",
+                       headers={"WWW-Authenticate": "Bearer"})
+    wait = rate_limiter.retry_after(key.id, settings.rate_limit_per_minute)
+    if wait > 0:
+        raise APIError(429, "rate_limited", f"Too many requests for this key; retry in {wait:.1f} s.",
+                       headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+    return key
+
+
+def get_project_id(key: Annotated[ApiKey, Depends(get_api_key)]) -> str:
+    return key.project_id
+
+
+ProjectId = Annotated[str, Depends(get_project_id)]
+
+
+def idempotency_key(request: Request) -> str | None:
+    value = request.headers.get("idempotency-key")
+    if value is not None and not (1 <= len(value) <= 255):
+        raise APIError(400, "invalid_idempotency_key", "Idempotency-Key must be 1 to 255 characters.",
+                       param="Idempotency-Key")
+    return value

@@ -1,0 +1,61 @@
+"""Typed API errors and the one handler that renders every error as {"error": {type, code, message, param}}."""
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("refinery.api")
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               409: "conflict_error", 413: "request_too_large", 416: "invalid_request_error",
+               422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, code: str, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.param, self.headers = status, code, message, param, headers
+
+
+def not_found(kind: str, object_id: str) -> APIError:
+    """The same answer for a missing object and another project's object, so ids leak nothing."""
+    return APIError(404, "not_found", f"No {kind} with id {object_id!r}.", param="id")
+
+
+def error_body(status: int, code: str, message: str, param: str | None) -> dict:
+    return {"error": {"type": ERROR_TYPES.get(status, "api_error"), "code": code, "message": message, "param": param}}
+
+
+def _loc_to_param(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # Pydantic adds the union branch or function name to some locations; they mean nothing to a user.
+    parts = [p for p in parts if not p.startswith(("function-", "tagged-union", "literal["))]
+    return ".".join(parts) or None
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError):
+        return JSONResponse(error_body(exc.status, exc.code, exc.message, exc.param), exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        param = _loc_to_param(tuple(first.get("loc", ())))
+        message = "; ".join(f"{_loc_to_param(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors[:5])
+        return JSONResponse(error_body(422, "invalid_spec", message, param), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(exc.status_code, code, str(exc.detail), None), exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception):
+        log.exception("unhandled error", exc_info=exc)
+        return JSONResponse(error_body(500, "internal_error", "An internal error occurred; it has been logged.", None), 500)

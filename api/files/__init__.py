@@ -1,0 +1,1 @@
+"""Uploaded files (datasets, model weights), usable in specs by their `file_…` id."""

@@ -1,0 +1,1 @@
+"""Liveness, readiness and Prometheus metrics; the only routes without an API key."""

@@ -1,0 +1,1 @@
+"""Jobs: submit, list, get, cancel, and a job's events and metrics."""

@@ -1,0 +1,126 @@
+"""Routes under /v1/jobs."""
+import asyncio
+import json
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from api.dependencies import ProjectId, SessionDep, SettingsDep, idempotency_key
+from api.errors import APIError
+from api.jobs import service
+from api.jobs.dependencies import OwnedJob
+from api.jobs.schemas import EventList, EventObject, JobList, JobObject, MetricList, MetricPointObject, MetricSeries
+from core.broker import publish
+from core.spec import JobSpec
+from db.lifecycle import TERMINAL, request_cancel
+from db.repositories import events as event_repo
+from db.repositories import jobs as job_repo
+from db.repositories.outbox import mark_published
+from db.session import get_sessionmaker
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+Limit = Annotated[int, Query(ge=1, le=100)]
+
+
+@router.post("", status_code=201, response_model=JobObject)
+def create_job(spec: JobSpec, project_id: ProjectId, session: SessionDep, settings: SettingsDep, response: Response,
+               key: Annotated[str | None, Depends(idempotency_key)]):
+    job, created = service.create_job(session, settings, project_id, spec, key)
+    session.commit()
+    if created:
+        # Publish after commit; if the broker is down the outbox row stays and the dispatcher sweep retries.
+        try:
+            publish(job.id)
+            mark_published(session, job.id)
+            session.commit()
+        except Exception:
+            session.rollback()
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    return JobObject.of(job)
+
+
+def _metadata_filters(request: Request) -> dict[str, str]:
+    return {k[len("metadata["):-1]: v for k, v in request.query_params.items()
+            if k.startswith("metadata[") and k.endswith("]")}
+
+
+@router.get("", response_model=JobList)
+def list_jobs(request: Request, project_id: ProjectId, session: SessionDep, limit: Limit = 20,
+              after: str | None = None, status: str | None = None, method: str | None = None):
+    jobs, has_more = job_repo.list_jobs(session, project_id, after=after, limit=limit, status=status, method=method,
+                                        metadata=_metadata_filters(request))
+    return JobList(data=[JobObject.of(j) for j in jobs], has_more=has_more)
+
+
+@router.get("/{job_id}", response_model=JobObject)
+def get_job(job: OwnedJob):
+    return JobObject.of(job)
+
+
+@router.post("/{job_id}/cancel", response_model=JobObject)
+def cancel_job(job: OwnedJob, session: SessionDep):
+    request_cancel(session, job)
+    session.commit()
+    session.refresh(job)
+    return JobObject.of(job)
+
+
+def _event_cursor(after: str | None) -> int:
+    if not after:
+        return 0
+    try:
+        return int(after.removeprefix("evt_"))
+    except ValueError:
+        raise APIError(400, "invalid_cursor", "after must be an event id such as evt_12.", param="after") from None
+
+
+@router.get("/{job_id}/events", response_model=EventList,
+            responses={200: {"content": {"text/event-stream": {}}, "description": "JSON page, or a live SSE stream"}})
+def list_events(job: OwnedJob, request: Request, session: SessionDep, settings: SettingsDep, limit: Limit = 100,
+                after: str | None = None):
+    cursor = _event_cursor(request.headers.get("last-event-id") or after)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        return StreamingResponse(_stream_events(settings.database_url, job.id, cursor, request),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    rows, has_more = event_repo.list_events(session, job.id, after_seq=cursor, limit=limit)
+    return EventList(data=[EventObject.of(e) for e in rows], has_more=has_more)
+
+
+async def _stream_events(url: str, job_id: str, cursor: int, request: Request):
+    """Server-sent events: each event once, in order; ends after the job finishes and its last event is sent."""
+    last_beat = time.monotonic()
+    while not await request.is_disconnected():
+        rows, status = await asyncio.to_thread(_poll_events, url, job_id, cursor)
+        for event in rows:
+            cursor = event.seq
+            payload = EventObject.of(event).model_dump_json()
+            yield f"id: evt_{event.seq}\nevent: {event.type}\ndata: {payload}\n\n"
+        if not rows and status in TERMINAL:
+            yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+            return
+        if time.monotonic() - last_beat > 15:
+            last_beat = time.monotonic()
+            yield ": keep-alive\n\n"
+        if not rows:
+            await asyncio.sleep(0.5)
+
+
+def _poll_events(url: str, job_id: str, cursor: int):
+    session = get_sessionmaker(url)()
+    try:
+        rows, _ = event_repo.list_events(session, job_id, after_seq=cursor, limit=500)
+        job = job_repo.get_job(session, job_id)
+        return rows, job.status if job else "failed"
+    finally:
+        session.close()
+
+
+@router.get("/{job_id}/metrics", response_model=MetricList)
+def get_metrics(job: OwnedJob, session: SessionDep, name: str | None = None):
+    series = event_repo.metric_series(session, job.id, name)
+    return MetricList(data=[MetricSeries(name=n, points=[MetricPointObject(step=s, value=v, created_at=t)
+                                                         for s, v, t in points])
+                            for n, points in series.items()])

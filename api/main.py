@@ -1,0 +1,46 @@
+"""The FastAPI application: routers, error handlers, limits, and the sweeper thread (dispatcher + reaper)."""
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.artifacts.router import router as artifacts_router
+from api.bootstrap import ensure_bootstrap_key
+from api.errors import install_handlers
+from api.files.router import router as files_router
+from api.health.router import register_collector
+from api.health.router import router as health_router
+from api.jobs.router import router as jobs_router
+from api.limits import BodySizeLimit
+from api.methods.router import router as methods_router
+from core.settings import get_settings
+from db import sweeper
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI):
+    settings = get_settings()
+    ensure_bootstrap_key(settings)
+    register_collector()
+    stop = None
+    if settings.run_sweeper:
+        _, stop = sweeper.start_thread(settings)
+    yield
+    if stop is not None:
+        stop.set()
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="Refinery", version="1.0.0", lifespan=lifespan,
+                  description="Training-as-a-service for model compression and machine unlearning.")
+    install_handlers(app)
+    for router in (health_router, jobs_router, artifacts_router, files_router, methods_router):
+        app.include_router(router)
+    # Multipart overhead on top of the file itself is small; 1 MiB of slack keeps a file at the limit uploadable.
+    app.add_middleware(BodySizeLimit, max_bytes_for=lambda: get_settings().max_upload_bytes + 1024 * 1024)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,1 @@
+"""The methods catalog: methods, algorithms and their parameter JSON Schemas."""

@@ -1,0 +1,190 @@
+"""The `refinery` command. User commands (jobs, files, artifacts) go over HTTP with the SDK; the operator commands
+(serve, api, migrate, keys) need the server code and database, and import them only when run."""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from client.sdk import TERMINAL, Refinery, RefineryError
+
+console = Console()
+
+
+def _client(args) -> Refinery:
+    return Refinery(args.base_url, args.api_key)
+
+
+def cmd_submit(args) -> int:
+    spec = json.loads(Path(args.spec).read_text() if args.spec != "-" else sys.stdin.read())
+    job = _client(args).submit(spec, idempotency_key=args.idempotency_key)
+    console.print(job["id"])
+    return cmd_wait(argparse.Namespace(**{**vars(args), "job_id": job["id"]})) if args.wait else 0
+
+
+def cmd_get(args) -> int:
+    console.print_json(data=_client(args).job(args.job_id))
+    return 0
+
+
+def cmd_list(args) -> int:
+    table = Table("id", "status", "method", "algorithm", "accuracy", "attempt")
+    for i, job in enumerate(_client(args).jobs(status=args.status, method=args.method)):
+        if i >= args.limit:
+            break
+        accuracy = ((job.get("result") or {}).get("metrics") or {}).get("accuracy")
+        table.add_row(job["id"], job["status"], job["method"], job["algorithm"],
+                      "" if accuracy is None else f"{accuracy:.4f}", str(job["attempt"]))
+    console.print(table)
+    return 0
+
+
+def cmd_wait(args) -> int:
+    client = _client(args)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(args.job_id, total=1.0)
+        while True:
+            job = client.job(args.job_id)
+            bar.update(task, completed=job["progress"]["fraction"], description=f"{args.job_id} {job['status']}")
+            if job["status"] in TERMINAL:
+                break
+            time.sleep(1)
+    console.print_json(data={k: job[k] for k in ("id", "status", "result", "error")})
+    return 0 if job["status"] == "succeeded" else 1
+
+
+def cmd_cancel(args) -> int:
+    console.print(_client(args).cancel(args.job_id)["status"])
+    return 0
+
+
+def cmd_download(args) -> int:
+    console.print(str(_client(args).download(args.job_id, args.name, args.dest)))
+    return 0
+
+
+def cmd_upload(args) -> int:
+    console.print(_client(args).upload(args.path, args.purpose)["id"])
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from core.embedded import serve
+    from core.settings import get_settings
+    serve(get_settings())
+    return 0
+
+
+def cmd_api(args) -> int:
+    import uvicorn
+    uvicorn.run("api.main:app", host=args.host, port=args.port, proxy_headers=True)
+    return 0
+
+
+def cmd_migrate(args) -> int:
+    from core.settings import get_settings
+    from db.migrate import upgrade
+    upgrade(get_settings().database_url)
+    console.print("database is at the newest schema")
+    return 0
+
+
+def cmd_keys(args) -> int:
+    from core.settings import get_settings
+    from db.migrate import upgrade
+    from db.repositories import projects
+    from db.session import transaction
+
+    settings = get_settings()
+    upgrade(settings.database_url)
+    with transaction(settings.database_url) as session:
+        if args.keys_command == "create":
+            project = projects.get_or_create_project(session, args.project)
+            row, key = projects.create_key(session, project, name=args.name)
+            print(f"Created {row.id} for project {project.name}. Store the key now; it is not shown again:")
+            print(key)
+        elif args.keys_command == "revoke":
+            if not projects.revoke_key(session, args.key):
+                print("no such active key", file=sys.stderr)
+                return 1
+            print("revoked")
+        else:
+            for row, project in projects.list_keys(session, args.project):
+                state = "revoked" if row.revoked_at else "active"
+                print(f"{row.id}  {project.name}  {row.prefix}…  {row.name or ''}  {state}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refinery", description="Refinery: compression and unlearning as a service.")
+    parser.add_argument("--base-url", default=os.environ.get("REFINERY_URL", "http://127.0.0.1:8000"))
+    parser.add_argument("--api-key", default=os.environ.get("REFINERY_API_KEY"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("submit", help="submit a job spec (JSON file or - for stdin)")
+    p.add_argument("spec")
+    p.add_argument("--idempotency-key")
+    p.add_argument("--wait", action="store_true")
+    p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("get", help="show a job")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_get)
+    p = sub.add_parser("list", help="list jobs")
+    p.add_argument("--status")
+    p.add_argument("--method")
+    p.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("wait", help="follow a job's progress until it finishes")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_wait)
+    p = sub.add_parser("cancel", help="cancel a job")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_cancel)
+    p = sub.add_parser("download", help="download an artifact, verifying its sha256")
+    p.add_argument("job_id")
+    p.add_argument("name")
+    p.add_argument("dest", nargs="?", default=".")
+    p.set_defaults(func=cmd_download)
+    p = sub.add_parser("upload", help="upload a dataset or model file")
+    p.add_argument("path")
+    p.add_argument("--purpose", default="dataset", choices=["dataset", "model"])
+    p.set_defaults(func=cmd_upload)
+
+    p = sub.add_parser("serve", help="run the embedded platform (API + worker, SQLite, local broker and store)")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("api", help="run the API server (production)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=int(os.environ.get("REFINERY_PORT", 8000)))
+    p.set_defaults(func=cmd_api)
+    p = sub.add_parser("migrate", help="upgrade the database schema")
+    p.set_defaults(func=cmd_migrate)
+    p = sub.add_parser("keys", help="manage API keys (talks to the database directly)")
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    k = keys.add_parser("create")
+    k.add_argument("--project", required=True)
+    k.add_argument("--name")
+    k = keys.add_parser("revoke")
+    k.add_argument("key", help="the key itself or its key_… id")
+    k = keys.add_parser("list")
+    k.add_argument("--project")
+    p.set_defaults(func=cmd_keys)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RefineryError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""`Refinery`: a small typed-enough client over the REST API (httpx), with waiting, SSE events and verified downloads."""
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class RefineryError(Exception):
+    def __init__(self, status: int, error: dict[str, Any]):
+        super().__init__(f"{status} {error.get('code')}: {error.get('message')}")
+        self.status, self.code, self.message, self.param = status, error.get("code"), error.get("message"), error.get("param")
+
+
+class Refinery:
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, timeout: float = 60.0):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+
+    def _check(self, response: httpx.Response) -> Any:
+        if response.status_code >= 400:
+            try:
+                error = response.json().get("error", {})
+            except ValueError:
+                error = {"code": "http_error", "message": response.text[:300]}
+            raise RefineryError(response.status_code, error)
+        return response.json()
+
+    # jobs
+    def submit(self, spec: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._check(self.http.post("/v1/jobs", json=spec, headers=headers))
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._check(self.http.get(f"/v1/jobs/{job_id}"))
+
+    def jobs(self, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every job matching the filters, following the cursor."""
+        params = {k: v for k, v in filters.items() if v is not None}
+        while True:
+            page = self._check(self.http.get("/v1/jobs", params=params))
+            yield from page["data"]
+            if not page["has_more"]:
+                return
+            params["after"] = page["data"][-1]["id"]
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._check(self.http.post(f"/v1/jobs/{job_id}/cancel"))
+
+    def wait(self, job_id: str, timeout: float = 3600, poll: float = 1.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job["status"] in TERMINAL or time.monotonic() > deadline:
+                return job
+            time.sleep(poll)
+
+    def events(self, job_id: str, follow: bool = False) -> Iterator[dict[str, Any]]:
+        if not follow:
+            params: dict[str, Any] = {"limit": 100}
+            while True:
+                page = self._check(self.http.get(f"/v1/jobs/{job_id}/events", params=params))
+                yield from page["data"]
+                if not page["has_more"]:
+                    return
+                params["after"] = page["data"][-1]["id"]
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Accept": "text/event-stream"},
+                              timeout=None) as response:
+            if response.status_code >= 400:
+                response.read()
+                self._check(response)
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    data = json.loads(line[6:])
+                    if "status" in data and "id" not in data:
+                        return
+                    yield data
+
+    def metrics(self, job_id: str, name: str | None = None) -> dict[str, list[tuple[int, float]]]:
+        page = self._check(self.http.get(f"/v1/jobs/{job_id}/metrics", params={"name": name} if name else {}))
+        return {s["name"]: [(p["step"], p["value"]) for p in s["points"]] for s in page["data"]}
+
+    # artifacts and files
+    def artifacts(self, job_id: str) -> list[dict[str, Any]]:
+        return self._check(self.http.get(f"/v1/jobs/{job_id}/artifacts"))["data"]
+
+    def download(self, job_id: str, name: str, dest: str | Path) -> Path:
+        """Stream to disk, resuming a partial file with Range, then verify the sha256 the server sent."""
+        dest = Path(dest)
+        if dest.is_dir():
+            dest = dest / name
+        partial = dest.with_suffix(dest.suffix + ".part")
+        offset = partial.stat().st_size if partial.exists() else 0
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}", headers=headers) as response:
+            if response.status_code >= 400 and response.status_code != 416:
+                response.read()
+                self._check(response)
+            expected = response.headers.get("x-checksum-sha256") or response.headers.get("etag", "").strip('"')
+            mode = "ab" if response.status_code == 206 else "wb"
+            if response.status_code != 416:
+                with open(partial, mode) as f:
+                    for chunk in response.iter_bytes():
+                        f.write(chunk)
+        digest = _sha256(partial)
+        if expected and digest != expected:
+            partial.unlink()
+            raise RefineryError(0, {"code": "checksum_mismatch", "message": f"{name}: sha256 {digest} != {expected}"})
+        partial.replace(dest)
+        return dest
+
+    def upload(self, path: str | Path, purpose: str = "dataset") -> dict[str, Any]:
+        path = Path(path)
+        with open(path, "rb") as f:
+            return self._check(self.http.post("/v1/files", files={"file": (path.name, f)}, data={"purpose": purpose},
+                                              timeout=None))
+
+    def methods(self) -> list[dict[str, Any]]:
+        return self._check(self.http.get("/v1/methods"))["data"]

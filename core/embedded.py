@@ -1,0 +1,101 @@
+"""`refinery serve`: the embedded default in one process tree — migrations, the bootstrap key, the API (uvicorn) and
+one Celery worker, both supervised: a child that dies is started again. Same task code as production."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from core.settings import Settings
+
+WORKER_ARGS = ["-m", "celery", "-A", "workers.app", "worker", "--pool=solo", "--concurrency=1", "-Q",
+               "refinery.jobs", "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel=INFO"]
+
+
+def api_key_for(settings: Settings) -> str:
+    """The key to print: REFINERY_BOOTSTRAP_TOKEN if set, else one made on first start and kept in
+    $REFINERY_HOME/api_key (mode 600) so later starts print the same key."""
+    from db.repositories.projects import create_key, find_active_key, get_or_create_project
+    from db.session import transaction
+
+    if settings.bootstrap_token:
+        return settings.bootstrap_token
+    path = settings.home / "api_key"
+    with transaction(settings.database_url) as session:
+        if path.exists() and find_active_key(session, path.read_text().strip()):
+            return path.read_text().strip()
+        _, key = create_key(session, get_or_create_project(session, settings.bootstrap_project), name="embedded")
+    path.write_text(key)
+    path.chmod(0o600)
+    return key
+
+
+class Child:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path):
+        self.name, self.args, self.env, self.log_path = name, args, env, log_path
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, *self.args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def serve(settings: Settings) -> None:
+    from db.migrate import upgrade
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    (settings.home / "logs").mkdir(exist_ok=True)
+    upgrade(settings.database_url)
+    key = api_key_for(settings)
+    env = dict(os.environ, REFINERY_HOME=str(settings.home), REFINERY_DATABASE_URL=settings.database_url,
+               REFINERY_BROKER_URL=settings.broker_url, REFINERY_STORAGE_URL=settings.storage_url,
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
+    logs = settings.home / "logs"
+    children = [
+        Child("api", ["-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(settings.port),
+                      "--log-level", "warning"], env, logs / "api.log"),
+        Child("worker", WORKER_ARGS, env, logs / "worker.log"),
+    ]
+    for child in children:
+        child.start()
+    base = f"http://127.0.0.1:{settings.port}"
+    print(f"Refinery is listening on {base}  (home {settings.home}, logs {logs})", flush=True)
+    print(f"  database {settings.database_url}\n  broker   {settings.broker_url}\n  storage  {settings.storage_url}")
+    print(f"Try:  curl -H 'Authorization: Bearer {key}' {base}/v1/methods")
+    print(f"API key: {key}", flush=True)
+
+    stopping = False
+
+    def _stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        while not stopping:
+            for child in children:
+                if not child.alive() and not stopping:
+                    code = child.proc.returncode if child.proc else None
+                    child.restarts += 1
+                    print(f"{child.name} exited ({code}); restarting (restart {child.restarts})", flush=True)
+                    time.sleep(min(5.0, 0.5 * child.restarts))
+                    child.start()
+            time.sleep(0.5)
+    finally:
+        for child in children:
+            child.stop()

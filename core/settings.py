@@ -1,0 +1,70 @@
+"""Process settings: every knob is an environment variable with the prefix REFINERY_ (pydantic-settings)."""
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="REFINERY_", extra="ignore")
+
+    home: Path = Path(".refinery")
+    # Empty means the embedded default under `home`: SQLite, kombu's filesystem transport, a local artifact dir.
+    database_url: str = ""
+    broker_url: str = ""
+    storage_url: str = ""
+    bootstrap_token: str | None = None
+    bootstrap_project: str = "default"
+    data_roots: str = ""  # os.pathsep- or comma-separated directories that file:// URIs may read
+    port: int = 8000
+
+    # Budget: the server default when a spec names none, and the cap no spec may exceed.
+    default_max_seconds: int = 600
+    max_seconds_cap: int = 24 * 3600
+    max_attempts: int = 3
+
+    # Leases and sweeps, in seconds. A lease is renewed by the worker's heartbeat thread.
+    heartbeat_seconds: float = 2.0
+    lease_seconds: float = 15.0
+    checkpoint_seconds: float = 5.0
+    redispatch_seconds: float = 10.0
+    sweep_seconds: float = 1.0
+    run_sweeper: bool = True
+
+    max_upload_bytes: int = 512 * 1024 * 1024
+    rate_limit_per_minute: int = 600
+    https_timeout_seconds: float = 60.0
+    https_max_bytes: int = 1024 * 1024 * 1024
+
+    torch_threads: int = 1
+    device: str = "auto"  # cpu | cuda | auto (cuda when available)
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> "Settings":
+        self.home = self.home.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'refinery.db'}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if not self.storage_url:
+            self.storage_url = f"file://{self.home / 'store'}"
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def broker_folder(self) -> Path:
+        return self.home / "broker"
+
+    @property
+    def data_root_paths(self) -> list[Path]:
+        parts = [p for chunk in self.data_roots.split(",") for p in chunk.split(":")]
+        return [Path(p).expanduser().resolve() for p in parts if p.strip()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,1 @@
+"""The ledger: SQLAlchemy models, sessions, repositories (all queries), job lifecycle, migrations, sweeps."""

@@ -1,0 +1,1 @@
+"""All database queries live here, one module per aggregate; services call these and never write SQL themselves."""

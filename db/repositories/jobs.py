@@ -1,0 +1,63 @@
+"""Job rows: create (with its outbox message), fetch within a project, list with cursor and filters."""
+import time
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.models import Job, OutboxMessage
+
+
+def insert_job(session: Session, job: Job) -> Job:
+    """The job row and its outbox message go in the same transaction: a committed job is always published."""
+    session.add(job)
+    session.add(OutboxMessage(job_id=job.id, created_at=time.time()))
+    session.flush()
+    return job
+
+
+def get_job(session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def get_project_job(session: Session, project_id: str, job_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id, Job.project_id == project_id))
+
+
+def list_jobs(session: Session, project_id: str, *, after: str | None, limit: int, status: str | None,
+              method: str | None, metadata: dict[str, str]) -> tuple[list[Job], bool]:
+    """Newest first; `after` is the last id of the previous page. Metadata filters are applied in Python after the
+    SQL filters (JSON operators differ between Postgres and SQLite), scanning in pages so limits still hold."""
+    query = select(Job).where(Job.project_id == project_id).order_by(Job.id.desc())
+    if status:
+        query = query.where(Job.status == status)
+    if method:
+        query = query.where(Job.method == method)
+    if after:
+        query = query.where(Job.id < after)
+    if not metadata:
+        rows = list(session.scalars(query.limit(limit + 1)))
+        return rows[:limit], len(rows) > limit
+    matched: list[Job] = []
+    offset = 0
+    while len(matched) <= limit:
+        page = list(session.scalars(query.offset(offset).limit(500)))
+        if not page:
+            break
+        matched += [j for j in page if all((j.metadata_ or {}).get(k) == v for k, v in metadata.items())]
+        offset += len(page)
+    return matched[:limit], len(matched) > limit
+
+
+def count_by_status(session: Session) -> dict[str, int]:
+    return {status: count for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status))}
+
+
+def finished_durations(session: Session, since: float) -> list[tuple[str, float]]:
+    rows = session.execute(select(Job.method, Job.finished_at - Job.started_at)
+                           .where(Job.finished_at >= since, Job.started_at.is_not(None)))
+    return [(m, float(d)) for m, d in rows]
+
+
+def public_progress(job: Job) -> dict[str, Any]:
+    return {"fraction": 0.0, "step": 0, "total_steps": None, "eta_seconds": None, **(job.progress or {})}

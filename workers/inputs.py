@@ -1,0 +1,100 @@
+"""A job's inputs: datasets and model references resolved inside the job's project (`file_…`, `job://…`)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.spec import DatasetRef, ModelRef
+from db.models import Job
+from db.repositories import artifacts as artifact_repo
+from db.session import transaction
+from workers.data import Dataset, fetch, load_dataset, split_validation
+from workers.errors import JobFailure
+from workers.models import Classifier, build_model, load_model
+from workers.runtime import JobRun
+
+
+def lookup(run: JobRun, uri: str) -> str:
+    """Storage key of an uploaded file or another job's artifact, only within the caller's project."""
+    with transaction(run.settings.database_url) as session:
+        if uri.startswith("file_"):
+            row = artifact_repo.get_project_file(session, run.project_id, uri)
+            if row is None:
+                raise JobFailure("file_not_found", f"No uploaded file {uri!r} in this project; upload it with POST /v1/files.")
+            return row.storage_key
+        job_id, _, name = uri.removeprefix("job://").partition("/")
+        job = session.get(Job, job_id)
+        if job is None or job.project_id != run.project_id:
+            raise JobFailure("job_not_found", f"No job {job_id!r} in this project.")
+        artifact = artifact_repo.get_artifact(session, job_id, name)
+        if artifact is None:
+            names = [a.name for a in artifact_repo.list_artifacts(session, job_id)]
+            raise JobFailure("artifact_not_found", f"Job {job_id} has no artifact {name!r}"
+                             + (f"; it has {', '.join(names)}." if names else f" (its status is {job.status})."))
+        return artifact.storage_key
+
+
+def _fetch(run: JobRun, uri: str) -> Path:
+    return fetch(uri, run.workdir / "inputs", run.settings, lambda u: lookup(run, u), run.store.copy_to)
+
+
+def _load(run: JobRun, uri: str, label_column: str | None, classes: list[str] | None = None) -> Dataset:
+    return load_dataset(uri, label_column=label_column, dest_dir=run.workdir / "inputs", settings=run.settings,
+                        lookup=lambda u: lookup(run, u), copy=run.store.copy_to, classes=classes)
+
+
+def load_train_and_validation(run: JobRun, ref: DatasetRef, seed: int) -> tuple[Dataset, Dataset]:
+    data = _load(run, ref.uri, ref.label_column)
+    validation = ref.validation
+    if validation is not None and validation.uri is not None:
+        val = _load(run, validation.uri, ref.label_column, classes=data.classes)
+        if val.x.shape[1:] != data.x.shape[1:]:
+            raise JobFailure("dataset_invalid", f"validation inputs have shape {list(val.x.shape[1:])}, the training "
+                             f"data {list(data.x.shape[1:])}; they must match.")
+        return data, val
+    return split_validation(data, validation.fraction if validation else 0.1, seed)
+
+
+def input_stats(data: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Standardisation statistics from the training data: per channel for images, per feature for tables."""
+    axes = (0, 2, 3) if data.x.ndim == 4 else (0,)
+    mean = data.x.mean(axis=axes, keepdims=True)
+    std = data.x.std(axis=axes, keepdims=True)
+    std = np.where(std < 1e-6, 1.0, std)  # constant features/channels: leave them unscaled
+    return mean[0].astype(np.float32), std[0].astype(np.float32)
+
+
+def resolve_model(run: JobRun, ref: ModelRef | None, data: Dataset, default_arch: str) -> tuple[Classifier, dict]:
+    """Build a fresh model, or load one: `job://<id>` carries its own model.json; other weights need `arch`."""
+    input_shape = tuple(data.x.shape[1:])
+    num_classes = len(data.classes)
+    if ref is None or ref.uri is None:
+        arch = ref.arch if ref else default_arch
+        args = dict(ref.args) if ref else {}
+        mean, std = input_stats(data)
+        model = build_model(arch, args, input_shape, num_classes, mean, std)
+        return model, {"arch": arch, "args": args, "source": "new"}
+    uri = ref.uri
+    if uri.startswith("job://") and "/" not in uri.removeprefix("job://"):
+        card_path = _fetch(run, f"{uri}/model.json")
+        weights = _fetch(run, f"{uri}/model.safetensors")
+        card = json.loads(card_path.read_text())
+        model = load_model(card, weights)
+    else:
+        if ref.arch is None:
+            raise JobFailure("model_arch_required", "model.uri points at bare weights; also give model.arch (and "
+                             "model.args) so the architecture can be rebuilt, or use job://<id> for a Refinery model.")
+        weights = _fetch(run, uri)
+        card = {"arch": ref.arch, "args": dict(ref.args), "input_shape": list(input_shape), "num_classes": num_classes,
+                "kind": data.kind, "classes": data.classes}
+        model = load_model(card, weights)
+    if tuple(card.get("input_shape", input_shape)) != input_shape or card.get("num_classes", num_classes) != num_classes:
+        raise JobFailure("model_data_mismatch", f"the model takes inputs {card.get('input_shape')} with "
+                         f"{card.get('num_classes')} classes; the dataset has {list(input_shape)} with {num_classes}.")
+    return model, {"arch": card.get("arch"), "args": card.get("args", {}), "source": uri}
+
+
+def to_tensors(data: Dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Small datasets live on the training device whole: batches are index slices, not a per-sample DataLoader."""
+    return torch.from_numpy(data.x).float().to(device), torch.from_numpy(data.y).long().to(device)

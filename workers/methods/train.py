@@ -1,0 +1,172 @@
+"""`train/supervised`: plain supervised training — baselines, teachers, oracle retrains. Keeps the best validation
+checkpoint, resumes from the newest checkpoint, stops cleanly on budget or cancel."""
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from core.catalog import TrainParams
+from workers.checkpoints import optimizer_tensors, pack, restore_optimizer
+from workers.errors import JobFailure
+from workers.evaluation import predict_logits
+from workers.inputs import load_train_and_validation, resolve_model, to_tensors
+from workers.methods import Outcome, register
+from workers.models import default_arch
+from workers.outputs import publish_model
+from workers.runtime import JobRun, Stop
+
+AUTO_MAX_EPOCHS = 1000
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def make_optimizer(params: TrainParams, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=params.lr, momentum=params.momentum,
+                               weight_decay=params.weight_decay, nesterov=params.momentum > 0)
+    cls = torch.optim.AdamW if params.optimizer == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    if schedule == "step":
+        return 0.1 ** (epoch // max(1, epochs // 3))
+    return 1.0
+
+
+def shift_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random ±1 pixel translations, the classic cheap augmentation for small digit images."""
+    dx, dy = (torch.randint(-1, 2, (2,), generator=generator)).tolist()
+    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+
+
+@register("train", "supervised")
+class SupervisedTraining:
+    def setup(self, run: JobRun) -> None:
+        self.p = TrainParams.model_validate(run.params)
+        self.run_ = run
+        torch.manual_seed(run.spec.seed)
+        self.device = pick_device(run.settings.device)
+        self.train, self.val = load_train_and_validation(run, run.spec.dataset, run.spec.seed)
+        run.event("data.loaded", f"Loaded {len(self.train.y)} training and {len(self.val.y)} validation rows, "
+                  f"{len(self.train.classes)} classes, inputs {list(self.train.x.shape[1:])}.",
+                  train_rows=len(self.train.y), validation_rows=len(self.val.y), classes=len(self.train.classes))
+        self.model, self.model_info = resolve_model(run, run.spec.model, self.train, default_arch(self.train.kind))
+        self.model.to(self.device)
+        self.x, self.y = to_tensors(self.train, self.device)
+        self.val_x, self.val_y = to_tensors(self.val, self.device)
+        self.optimizer = make_optimizer(self.p, self.model)
+        self.epochs = AUTO_MAX_EPOCHS if self.p.epochs == "auto" else self.p.epochs
+        if run.spec.budget.max_epochs:
+            self.epochs = min(self.epochs, run.spec.budget.max_epochs)
+        self.steps_per_epoch = math.ceil(len(self.y) / self.p.batch_size)
+        self.epoch, self.step = 0, 0
+        self.best_accuracy, self.best_epoch, self.best_state = -1.0, -1, None
+        self.curves: dict[str, list[list[float]]] = {"train_loss": [], "val_loss": [], "val_accuracy": [], "lr": []}
+        n_params = sum(p.numel() for p in self.model.parameters())
+        run.event("model.built", f"Model {self.model_info['arch']} with {n_params} parameters on {self.device}.",
+                  arch=self.model_info["arch"], params=n_params, device=str(self.device))
+
+    def save_checkpoint(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        opt_tensors, opt_meta = optimizer_tensors(self.optimizer)
+        groups = {"model": self.model.state_dict(), "optimizer": opt_tensors}
+        if self.best_state is not None:
+            groups["best"] = self.best_state
+        meta = {"epoch": self.epoch, "step": self.step, "metric_step": self.epoch, "best_accuracy": self.best_accuracy,
+                "best_epoch": self.best_epoch, "curves": self.curves, "optimizer": opt_meta}
+        return groups, meta
+
+    def load_checkpoint(self, groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
+        self.model.load_state_dict(groups["model"])
+        restore_optimizer(self.optimizer, groups.get("optimizer", {}), meta["optimizer"], self.device)
+        self.best_state = groups.get("best")
+        self.epoch, self.step = meta["epoch"], meta["step"]
+        self.best_accuracy, self.best_epoch = meta["best_accuracy"], meta["best_epoch"]
+        self.curves = meta["curves"]
+
+    def evaluate(self) -> dict[str, float]:
+        logits = predict_logits(self.model, self.val_x)
+        return {"val_loss": F.cross_entropy(logits, self.val_y).item(),
+                "val_accuracy": (logits.argmax(1) == self.val_y).float().mean().item()}
+
+    def run(self, run: JobRun) -> Outcome:
+        p = self.p
+        stopped_by = "completed"
+        total_steps = None if p.epochs == "auto" else self.epochs * self.steps_per_epoch
+        if run.spec.budget.max_steps:
+            total_steps = min(total_steps or run.spec.budget.max_steps, run.spec.budget.max_steps)
+        try:
+            while self.epoch < self.epochs:
+                self._train_epoch(run, total_steps)
+                if p.epochs == "auto" and self.epoch - self.best_epoch > p.patience:
+                    run.event("train.plateau", f"No validation gain for {p.patience} epochs; stopping.")
+                    break
+        except Stop as stop:
+            if stop.reason == "cancelled":
+                raise
+            stopped_by = "budget"
+            run.event("budget.exhausted", f"Budget reached after {self.epoch} full epochs; keeping the best model.",
+                      level="warning", used_seconds=round(run.used_seconds(), 2))
+        if self.best_state is None:
+            raise JobFailure("budget_exhausted", "The budget ran out before one epoch finished, so there is no model "
+                             "to keep; raise budget.max_seconds or lower the data size.")
+        self.model.load_state_dict(self.best_state)
+        run.event("train.finished", f"Best validation accuracy {self.best_accuracy:.4f} at epoch {self.best_epoch + 1}.",
+                  best_accuracy=self.best_accuracy, best_epoch=self.best_epoch + 1)
+        result = publish_model(run, self.model, self.model_info, self.train, self.val, self.val_x, self.val_y,
+                               curves=self.curves, stopped_by=stopped_by,
+                               sections={"training": {**p.model_dump(mode="json"), "epochs_run": self.epoch,
+                                                      "steps": self.step, "best_epoch": self.best_epoch + 1}})
+        return Outcome(stopped_by=stopped_by, metrics=result)
+
+    def _train_epoch(self, run: JobRun, total_steps: int | None) -> None:
+        p = self.p
+        lr = p.lr * (lr_factor(p.schedule, self.epoch, self.epochs) if p.epochs != "auto" else 1.0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # Seeded per epoch, so a resumed attempt replays exactly the shuffles the lost one would have made.
+        generator = torch.Generator().manual_seed(run.spec.seed * 100003 + self.epoch)
+        torch.manual_seed(run.spec.seed * 100003 + self.epoch)
+        order = torch.randperm(len(self.y), generator=generator).to(self.device)
+        self.model.train()
+        total_loss, seen = 0.0, 0
+        for start in range(0, len(order), p.batch_size):
+            run.check(self.step)
+            index = order[start:start + p.batch_size]
+            xb, yb = self.x[index], self.y[index]
+            if p.augment and xb.ndim == 4:
+                xb = shift_images(xb, generator)
+            loss = F.cross_entropy(self.model(xb), yb, label_smoothing=p.label_smoothing)
+            if not torch.isfinite(loss):
+                raise JobFailure("nan_loss", f"The loss became {loss.item()} at step {self.step}; lower params.lr "
+                                 f"(now {p.lr}) or check the inputs for extreme values.")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            total_loss += loss.item() * len(index)
+            seen += len(index)
+        self.epoch += 1
+        scores = self.evaluate()
+        train_loss = total_loss / max(1, seen)
+        for name, value in (("train_loss", train_loss), ("val_loss", scores["val_loss"]),
+                            ("val_accuracy", scores["val_accuracy"]), ("lr", lr)):
+            self.curves[name].append([self.epoch, value])
+        run.metrics(self.epoch, {"train_loss": train_loss, **scores, "lr": lr})
+        if scores["val_accuracy"] > self.best_accuracy:
+            self.best_accuracy, self.best_epoch = scores["val_accuracy"], self.epoch - 1
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        run.progress(self.step, total_steps, epoch=self.epoch)
+        run.event("train.epoch", f"Epoch {self.epoch}/{self.epochs if self.p.epochs != 'auto' else 'auto'}: "
+                  f"train loss {train_loss:.4f}, val accuracy {scores['val_accuracy']:.4f}.", level="debug",
+                  epoch=self.epoch, train_loss=round(train_loss, 5), **{k: round(v, 5) for k, v in scores.items()})
+        if run.checkpoint_due():
+            groups, meta = self.save_checkpoint()
+            run.save_checkpoint(pack(groups), meta)

@@ -1,0 +1,189 @@
+"""`JobRun`: what a running job holds — its lease, budget, heartbeat, cancel flag, events, metrics, checkpoints and
+artifacts. Every write goes through the lease fence, so a worker that lost its job can no longer touch it."""
+import json
+import logging
+import mimetypes
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from core.ids import new_id
+from core.settings import Settings
+from core.spec import JobSpec
+from core.storage import ArtifactStore, get_store
+from db import lifecycle
+from db.models import Artifact, Job
+from db.repositories import artifacts as artifact_repo
+from db.repositories import events as event_repo
+from db.session import transaction
+
+log = logging.getLogger("refinery.worker")
+
+CONTENT_TYPES = {".onnx": "application/onnx", ".safetensors": "application/octet-stream", ".json": "application/json",
+                 ".html": "text/html; charset=utf-8", ".npz": "application/octet-stream"}
+
+
+class Stop(Exception):
+    """Raised inside a loop to end the job early: `reason` is "cancelled" or "budget"."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class JobRun:
+    def __init__(self, settings: Settings, job: Job, token: str):
+        self.settings = settings
+        self.job_id = job.id
+        self.project_id = job.project_id
+        self.token = token
+        self.worker = worker_name()
+        self.attempt = job.attempt
+        self.spec = JobSpec.model_validate(job.spec)
+        self.params: dict[str, Any] = job.spec.get("params", {})
+        self.max_seconds = float(job.max_seconds)
+        self.used_before = float(job.used_seconds or 0.0)
+        self.created_at = job.created_at
+        self.store: ArtifactStore = get_store(settings.storage_url)
+        self.workdir = settings.home / "work" / job.id / f"attempt-{job.attempt}"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._started = time.monotonic()
+        self._progress: dict[str, Any] = {}
+        self._cancelled = threading.Event()
+        self._lease_lost = threading.Event()
+        self._stop_heartbeat = threading.Event()
+        self._last_checkpoint = time.monotonic()
+        self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{job.id}", daemon=True)
+
+    # --- time and stopping -------------------------------------------------------------------------------------
+    def used_seconds(self) -> float:
+        return self.used_before + (time.monotonic() - self._started)
+
+    def remaining_seconds(self) -> float:
+        return self.max_seconds - self.used_seconds()
+
+    def finish_reserve(self) -> float:
+        """Seconds kept back from training for export, measurement and the report."""
+        return min(20.0, 0.1 * self.max_seconds)
+
+    def check(self, step: int | None = None) -> None:
+        """Called every step: raises Stop when the job was cancelled or its budget is spent, LeaseLost if fenced."""
+        if self._lease_lost.is_set():
+            raise lifecycle.LeaseLost(self.job_id)
+        if self._cancelled.is_set():
+            raise Stop("cancelled")
+        if self.remaining_seconds() <= self.finish_reserve():
+            raise Stop("budget")
+        max_steps = self.spec.budget.max_steps
+        if max_steps is not None and step is not None and step >= max_steps:
+            raise Stop("budget")
+
+    # --- heartbeat ---------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._heartbeat.start()
+
+    def close(self) -> None:
+        self._stop_heartbeat.set()
+        if self._heartbeat.is_alive():
+            self._heartbeat.join(timeout=10)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _beat(self) -> None:
+        """Renew the lease, write progress and used time, and pick up a cancel request. Cancel is polled more often
+        than the lease is renewed so a running job stops within a few steps."""
+        next_renew = 0.0
+        while not self._stop_heartbeat.is_set():
+            try:
+                if time.monotonic() >= next_renew:
+                    with transaction(self.settings.database_url) as session:
+                        ok = lifecycle.renew(session, self.job_id, self.token, self.settings.lease_seconds,
+                                             used_seconds=self.used_seconds(), progress=self.public_progress())
+                    if not ok:
+                        self._lease_lost.set()
+                        return
+                    next_renew = time.monotonic() + self.settings.heartbeat_seconds
+                with transaction(self.settings.database_url) as session:
+                    job = session.get(Job, self.job_id)
+                    if job is not None and job.cancel_requested:
+                        self._cancelled.set()
+            except Exception:
+                log.exception("heartbeat for %s failed; retrying", self.job_id)
+            self._stop_heartbeat.wait(min(0.5, self.settings.heartbeat_seconds))
+
+    # --- events, metrics, progress -----------------------------------------------------------------------------
+    def event(self, type_: str, message: str, level: str = "info", **data: Any) -> None:
+        with transaction(self.settings.database_url) as session:
+            lifecycle.fence(session, self.job_id, self.token, self.settings.lease_seconds)
+            event_repo.add_event(session, self.job_id, self.attempt, type_, message, level=level, data=data)
+        log.info("%s %s: %s", self.job_id, type_, message)
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        with transaction(self.settings.database_url) as session:
+            lifecycle.fence(session, self.job_id, self.token, self.settings.lease_seconds)
+            event_repo.add_metrics(session, self.job_id, step, values)
+
+    def progress(self, step: int, total_steps: int | None, **extra: Any) -> None:
+        # Without a known step count (epochs="auto") the budget is the horizon.
+        fraction = min(1.0, step / total_steps) if total_steps else min(1.0, self.used_seconds() / self.max_seconds)
+        elapsed = time.monotonic() - self._started
+        done_here = fraction - self._progress.get("_start_fraction", 0.0)
+        eta = elapsed * (1 - fraction) / done_here if done_here > 0 else None
+        self._progress = {"fraction": round(fraction, 4), "step": step, "total_steps": total_steps,
+                          "eta_seconds": round(eta, 1) if eta is not None else None, **extra,
+                          "_start_fraction": self._progress.get("_start_fraction", fraction)}
+
+    def public_progress(self) -> dict[str, Any]:
+        return {k: v for k, v in self._progress.items() if not k.startswith("_")}
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+    def _checkpoint_key(self, name: str) -> str:
+        return f"checkpoints/{self.job_id}/{name}"
+
+    def checkpoint_due(self) -> bool:
+        return time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_seconds
+
+    def save_checkpoint(self, tensor_bytes: bytes, meta: dict[str, Any]) -> None:
+        """Weights first, then the small JSON that points at them: a crash between the two leaves the old pair."""
+        with transaction(self.settings.database_url) as session:
+            lifecycle.fence(session, self.job_id, self.token, self.settings.lease_seconds)
+        stamp = f"{meta.get('step', 0):09d}"
+        self.store.write_bytes(self._checkpoint_key(f"ckpt-{stamp}.safetensors"), tensor_bytes)
+        previous = self.load_checkpoint_meta()
+        self.store.write_bytes(self._checkpoint_key("latest.json"),
+                               json.dumps({**meta, "weights": f"ckpt-{stamp}.safetensors"}).encode())
+        if previous and previous.get("weights") != f"ckpt-{stamp}.safetensors":
+            self.store.delete_prefix(self._checkpoint_key(previous["weights"]))
+        self._last_checkpoint = time.monotonic()
+
+    def load_checkpoint_meta(self) -> dict[str, Any] | None:
+        raw = self.store.read_bytes(self._checkpoint_key("latest.json"))
+        return json.loads(raw) if raw else None
+
+    def load_checkpoint(self) -> tuple[bytes, dict[str, Any]] | None:
+        meta = self.load_checkpoint_meta()
+        if meta is None:
+            return None
+        data = self.store.read_bytes(self._checkpoint_key(meta["weights"]))
+        return (data, meta) if data is not None else None
+
+    def drop_checkpoints(self) -> None:
+        self.store.delete_prefix(f"checkpoints/{self.job_id}")
+
+    # --- artifacts ---------------------------------------------------------------------------------------------
+    def add_artifact(self, path: Path, name: str | None = None) -> Artifact:
+        name = name or path.name
+        key, sha, size = self.store.put_file(str(path))
+        content_type = CONTENT_TYPES.get(path.suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
+        with transaction(self.settings.database_url) as session:
+            lifecycle.fence(session, self.job_id, self.token, self.settings.lease_seconds)
+            return artifact_repo.upsert_artifact(session, Artifact(
+                id=new_id("art"), job_id=self.job_id, name=name, size=size, sha256=sha, content_type=content_type,
+                storage_key=key, created_at=time.time()))

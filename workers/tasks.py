@@ -1,0 +1,85 @@
+"""The one Celery task, `run_job(job_id)`: claim the job, run its recipe under its budget, finish it. It never
+raises: every outcome, including bad input and bugs, is written to the ledger and the worker takes the next job."""
+import logging
+import time
+
+import torch
+
+from core.settings import get_settings
+from db import lifecycle
+from db.models import Job
+from db.repositories.events import add_event, drop_metrics_after
+from db.session import transaction
+from workers.checkpoints import unpack
+from workers.errors import JobFailure
+from workers.methods import get_recipe
+from workers.runtime import JobRun, Stop, worker_name
+
+log = logging.getLogger("refinery.worker")
+
+
+def execute(job_id: str) -> str:
+    """Run one job to a final status; returns what happened (for logs and tests)."""
+    settings = get_settings()
+    torch.set_num_threads(settings.torch_threads)
+    with transaction(settings.database_url) as session:
+        token = lifecycle.claim(session, job_id, worker_name(), settings.lease_seconds)
+        job = session.get(Job, job_id) if token else None
+    if token is None or job is None:
+        log.info("job %s is not claimable (already taken, finished or cancelled); dropping the message", job_id)
+        return "skipped"
+    run = JobRun(settings, job, token)
+    run.start()
+    try:
+        status, result, error = _run_recipe(run)
+    except lifecycle.LeaseLost:
+        log.warning("job %s: lease lost; another attempt owns it now", job_id)
+        run.close()
+        return "lease_lost"
+    try:
+        with transaction(settings.database_url) as session:
+            finished = lifecycle.finish(session, job_id, token, status, result=result, error=error,
+                                        used_seconds=run.used_seconds(), progress=run.public_progress())
+            if finished:
+                message = {"succeeded": "Job succeeded.", "cancelled": "Job cancelled; its last checkpoint is kept.",
+                           "failed": f"Job failed: {(error or {}).get('message', '')}"}[status]
+                add_event(session, job_id, run.attempt, f"job.{status}", message,
+                          level="error" if status == "failed" else "info", data={"error": error} if error else {})
+        if finished and status == "succeeded":
+            run.drop_checkpoints()
+    finally:
+        run.close()
+    return status
+
+
+def _run_recipe(run: JobRun) -> tuple[str, dict | None, dict | None]:
+    started = time.time()
+    try:
+        recipe = get_recipe(run.spec.method, run.spec.algorithm or "")
+        if recipe is None:
+            raise JobFailure("method_unavailable", f"This worker cannot run {run.spec.method}/{run.spec.algorithm}.",
+                             "infra_error")
+        run.event("job.started", f"Attempt {run.attempt} started on {run.worker}.", attempt=run.attempt)
+        recipe.setup(run)
+        checkpoint = run.load_checkpoint()
+        if checkpoint is not None:
+            blob, meta = checkpoint
+            recipe.load_checkpoint(unpack(blob), meta)
+            with transaction(run.settings.database_url) as session:
+                drop_metrics_after(session, run.job_id, int(meta.get("metric_step", meta.get("step", 0))))
+            run.event("job.resumed", f"Resumed from the checkpoint at step {meta.get('step')}.", step=meta.get("step"))
+        outcome = recipe.run(run)
+        return "succeeded", {"metrics": outcome.metrics, "stopped_by": outcome.stopped_by, **outcome.extra}, None
+    except Stop as stop:
+        return "cancelled", {"stopped_by": stop.reason, "seconds": round(time.time() - started, 2)}, None
+    except lifecycle.LeaseLost:
+        raise
+    except JobFailure as failure:
+        return "failed", None, failure.as_dict()
+    except MemoryError:
+        return "failed", None, JobFailure("out_of_memory", "The job ran out of memory; use a smaller model, batch "
+                                          "size or dataset.", "infra_error").as_dict()
+    except Exception as exc:  # a bug: fail this job, keep the worker alive, log the trace for us
+        log.exception("job %s crashed", run.job_id)
+        return "failed", None, JobFailure("internal_error", f"An internal error stopped the job ({type(exc).__name__}: "
+                                          f"{exc}); it has been logged.", "infra_error").as_dict()
