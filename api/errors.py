@@ -29,10 +29,14 @@ def error_body(status: int, code: str, message: str, param: str | None) -> dict:
     return {"error": {"type": ERROR_TYPES.get(status, "api_error"), "code": code, "message": message, "param": param}}
 
 
-def _loc_to_param(loc: tuple) -> str | None:
+_UNION_BRANCHES = {"int", "float", "str", "bool", "list", "dict", "none", "constrained-int", "constrained-float"}
+
+
+def loc_to_param(loc: tuple) -> str | None:
+    """A pydantic error location as the dotted field path a user wrote, e.g. ("body", "params", "epochs", "int")
+    → "params.epochs": union branch and validator names mean nothing to a user."""
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    # Pydantic adds the union branch or function name to some locations; they mean nothing to a user.
-    parts = [p for p in parts if not p.startswith(("function-", "tagged-union", "literal["))]
+    parts = [p for p in parts if p not in _UNION_BRANCHES and not p.startswith(("function-", "tagged-union", "literal["))]
     return ".".join(parts) or None
 
 
@@ -45,8 +49,8 @@ def install_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        param = _loc_to_param(tuple(first.get("loc", ())))
-        message = "; ".join(f"{_loc_to_param(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors[:5])
+        param = loc_to_param(tuple(first.get("loc", ())))
+        message = "; ".join(f"{loc_to_param(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors[:5])
         return JSONResponse(error_body(422, "invalid_spec", message, param), 422)
 
     @app.exception_handler(StarletteHTTPException)

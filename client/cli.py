@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the embedded platform (API + worker, SQLite, local broker and store)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("api", help="run the API server (production)")
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="0.0.0.0")  # noqa: S104  (in a container the API must listen on all interfaces)
     p.add_argument("--port", type=int, default=int(os.environ.get("REFINERY_PORT", 8000)))
     p.set_defaults(func=cmd_api)
     p = sub.add_parser("migrate", help="upgrade the database schema")

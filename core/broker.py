@@ -14,8 +14,9 @@ def make_celery(settings: Settings) -> Celery:
         # kombu's filesystem transport: producer and consumer share one folder; polled every 50 ms (DESIGN §2).
         folder = settings.broker_folder
         (folder / "queue").mkdir(parents=True, exist_ok=True)
+        (folder / "control").mkdir(parents=True, exist_ok=True)
         options = {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
-                   "store_processed": False, "polling_interval": 0.05}
+                   "control_folder": str(folder / "control"), "store_processed": False, "polling_interval": 0.05}
     app.conf.update(
         broker_transport_options=options,
         broker_connection_retry_on_startup=True,

@@ -11,7 +11,7 @@ from db.repositories import artifacts as artifact_repo
 from db.session import transaction
 from workers.data import Dataset, fetch, load_dataset, split_validation
 from workers.errors import JobFailure
-from workers.models import Classifier, build_model, load_model
+from workers.models import Classifier, build_model, load_model, load_weights_into
 from workers.runtime import JobRun
 
 
@@ -86,9 +86,10 @@ def resolve_model(run: JobRun, ref: ModelRef | None, data: Dataset, default_arch
             raise JobFailure("model_arch_required", "model.uri points at bare weights; also give model.arch (and "
                              "model.args) so the architecture can be rebuilt, or use job://<id> for a Refinery model.")
         weights = _fetch(run, uri)
-        card = {"arch": ref.arch, "args": dict(ref.args), "input_shape": list(input_shape), "num_classes": num_classes,
-                "kind": data.kind, "classes": data.classes}
-        model = load_model(card, weights)
+        mean, std = input_stats(data)
+        model = load_weights_into(build_model(ref.arch, dict(ref.args), input_shape, num_classes, mean, std),
+                                  weights, ref.arch)
+        card = {"arch": ref.arch, "args": dict(ref.args), "input_shape": list(input_shape), "num_classes": num_classes}
     if tuple(card.get("input_shape", input_shape)) != input_shape or card.get("num_classes", num_classes) != num_classes:
         raise JobFailure("model_data_mismatch", f"the model takes inputs {card.get('input_shape')} with "
                          f"{card.get('num_classes')} classes; the dataset has {list(input_shape)} with {num_classes}.")

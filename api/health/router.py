@@ -1,4 +1,5 @@
 """/healthz (the process answers), /readyz (db and broker answer), /metrics (Prometheus)."""
+import logging
 import time
 
 from fastapi import APIRouter, Response
@@ -13,6 +14,7 @@ from db.repositories.jobs import count_by_status, finished_durations
 from db.repositories.outbox import queue_depth
 from db.session import get_sessionmaker
 
+log = logging.getLogger("refinery.api")
 router = APIRouter(tags=["health"])
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
@@ -33,8 +35,8 @@ def readyz():
             checks["database"] = True
         finally:
             session.close()
-    except Exception:
-        pass
+    except Exception as exc:  # any failure means "not ready"; say why in the log
+        log.warning("readiness: database check failed: %s", exc)
     checks["broker"] = ping_broker()
     ok = all(checks.values())
     return JSONResponse({"status": "ready" if ok else "unavailable", "checks": checks}, 200 if ok else 503)

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.errors import APIError
+from api.errors import APIError, loc_to_param
 from core.catalog import METHODS, find_algorithm
 from core.ids import new_id
 from core.settings import Settings
@@ -35,8 +35,8 @@ def normalise(spec: JobSpec, settings: Settings) -> dict:
         params = algorithm.params.model_validate(spec.params)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise APIError(422, "invalid_params", f"params.{field}: {first['msg']}", param=f"params.{field}") from None
+        param = loc_to_param(("params", *first["loc"]))
+        raise APIError(422, "invalid_params", f"{param}: {first['msg']}", param=param) from None
     max_seconds = spec.budget.max_seconds or settings.default_max_seconds
     if max_seconds > settings.max_seconds_cap:
         raise APIError(422, "budget_too_large", f"budget.max_seconds may be at most {settings.max_seconds_cap} on "

@@ -1,5 +1,6 @@
 """Alembic environment: the URL comes from the caller (db.migrate.upgrade) or from REFINERY_ settings."""
 from alembic import context
+
 from core.settings import get_settings
 from db.models import Base
 from db.session import get_engine

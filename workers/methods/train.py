@@ -66,9 +66,10 @@ class SupervisedTraining:
         self.epochs = AUTO_MAX_EPOCHS if self.p.epochs == "auto" else self.p.epochs
         if run.spec.budget.max_epochs:
             self.epochs = min(self.epochs, run.spec.budget.max_epochs)
-        self.steps_per_epoch = math.ceil(len(self.y) / self.p.batch_size)
+        self.batch_size = self.p.batch_size if self.p.batch_size != "auto" else min(64, max(8, len(self.y) // 16))
+        self.steps_per_epoch = math.ceil(len(self.y) / self.batch_size)
         self.epoch, self.step = 0, 0
-        self.best_accuracy, self.best_epoch, self.best_state = -1.0, -1, None
+        self.best_accuracy, self.best_loss, self.best_epoch, self.best_state = -1.0, math.inf, -1, None
         self.curves: dict[str, list[list[float]]] = {"train_loss": [], "val_loss": [], "val_accuracy": [], "lr": []}
         n_params = sum(p.numel() for p in self.model.parameters())
         run.event("model.built", f"Model {self.model_info['arch']} with {n_params} parameters on {self.device}.",
@@ -80,6 +81,7 @@ class SupervisedTraining:
         if self.best_state is not None:
             groups["best"] = self.best_state
         meta = {"epoch": self.epoch, "step": self.step, "metric_step": self.epoch, "best_accuracy": self.best_accuracy,
+                "best_loss": self.best_loss,
                 "best_epoch": self.best_epoch, "curves": self.curves, "optimizer": opt_meta}
         return groups, meta
 
@@ -89,6 +91,7 @@ class SupervisedTraining:
         self.best_state = groups.get("best")
         self.epoch, self.step = meta["epoch"], meta["step"]
         self.best_accuracy, self.best_epoch = meta["best_accuracy"], meta["best_epoch"]
+        self.best_loss = meta.get("best_loss", math.inf)
         self.curves = meta["curves"]
 
     def evaluate(self) -> dict[str, float]:
@@ -122,7 +125,8 @@ class SupervisedTraining:
                   best_accuracy=self.best_accuracy, best_epoch=self.best_epoch + 1)
         result = publish_model(run, self.model, self.model_info, self.train, self.val, self.val_x, self.val_y,
                                curves=self.curves, stopped_by=stopped_by,
-                               sections={"training": {**p.model_dump(mode="json"), "epochs_run": self.epoch,
+                               sections={"training": {**p.model_dump(mode="json"), "batch_size_used": self.batch_size,
+                                                      "epochs_run": self.epoch,
                                                       "steps": self.step, "best_epoch": self.best_epoch + 1}})
         return Outcome(stopped_by=stopped_by, metrics=result)
 
@@ -137,9 +141,9 @@ class SupervisedTraining:
         order = torch.randperm(len(self.y), generator=generator).to(self.device)
         self.model.train()
         total_loss, seen = 0.0, 0
-        for start in range(0, len(order), p.batch_size):
+        for start in range(0, len(order), self.batch_size):
             run.check(self.step)
-            index = order[start:start + p.batch_size]
+            index = order[start:start + self.batch_size]
             xb, yb = self.x[index], self.y[index]
             if p.augment and xb.ndim == 4:
                 xb = shift_images(xb, generator)
@@ -160,8 +164,10 @@ class SupervisedTraining:
                             ("val_accuracy", scores["val_accuracy"]), ("lr", lr)):
             self.curves[name].append([self.epoch, value])
         run.metrics(self.epoch, {"train_loss": train_loss, **scores, "lr": lr})
-        if scores["val_accuracy"] > self.best_accuracy:
-            self.best_accuracy, self.best_epoch = scores["val_accuracy"], self.epoch - 1
+        # Best = highest validation accuracy, ties broken by lower validation loss: on small validation sets
+        # accuracy saturates early, and the first epoch to reach it is usually undertrained.
+        if (scores["val_accuracy"], -scores["val_loss"]) > (self.best_accuracy, -self.best_loss):
+            self.best_accuracy, self.best_loss, self.best_epoch = scores["val_accuracy"], scores["val_loss"], self.epoch - 1
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         run.progress(self.step, total_steps, epoch=self.epoch)
         run.event("train.epoch", f"Epoch {self.epoch}/{self.epochs if self.p.epochs != 'auto' else 'auto'}: "

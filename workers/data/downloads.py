@@ -1,0 +1,194 @@
+"""`https://` downloads that cannot be turned against the worker's own network (SSRF): every hop's addresses are
+checked after DNS resolution, the checked address is the one connected to, and the body is streamed under a cap."""
+import ipaddress
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
+
+import httpx
+
+from workers.errors import JobFailure
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+MAX_REDIRECTS = 5
+REDIRECT_STATUSES = {301, 302, 303, 307, 308}
+CHUNK = 1024 * 1024
+NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
+IPV4_COMPATIBLE_PREFIX = ipaddress.ip_network("::/96")
+
+
+def is_public_address(ip: IPAddress) -> bool:
+    """True when `ip`, and any IPv4 address embedded in it, is globally routable: not loopback, private,
+    link-local (169.254.169.254, the cloud metadata service), unique-local, multicast, reserved or unspecified."""
+    return all(
+        candidate.is_global and not (candidate.is_multicast or candidate.is_reserved or candidate.is_unspecified)
+        for candidate in (ip, *_embedded_ipv4(ip))
+    )
+
+
+def _embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address tunnels to (::ffff:127.0.0.1 reaches 127.0.0.1), so that they are checked too."""
+    if ip.version == 4:
+        return []
+    embedded = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
+    if ip in NAT64_PREFIX or ip in IPV4_COMPATIBLE_PREFIX:
+        embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return [address for address in embedded if address is not None]
+
+
+def download_https(
+    url: str,
+    dest_dir: Path,
+    *,
+    max_bytes: int,
+    timeout_seconds: float,
+    address_allowed: Callable[[IPAddress], bool] = is_public_address,
+    verify: ssl.SSLContext | bool = True,
+) -> Path:
+    """Download `url` into dest_dir (named after the URL's last path segment) and return the file's path.
+
+    Redirects are followed by hand, at most MAX_REDIRECTS, each hop checked like the first. `address_allowed` and
+    `verify` exist so tests can serve from loopback with their own certificate; jobs use the defaults.
+    """
+    deadline = time.monotonic() + timeout_seconds
+    target = dest_dir / local_name_for(url)
+    current = url
+    for _ in range(MAX_REDIRECTS + 1):
+        parts = _checked_https_url(current, url)
+        ip = _resolve_checked(parts, url, address_allowed)
+        location = _get_to_file(parts, ip, target, url, max_bytes, timeout_seconds, deadline, verify)
+        if location is None:
+            return target
+        current = urljoin(current, location)
+    raise JobFailure("download_failed", f"{url}: more than {MAX_REDIRECTS} redirects; link to the file directly")
+
+
+def local_name_for(url: str) -> str:
+    """A safe file name from the URL's last path segment; the extension tells the format reader what to expect."""
+    last = urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "_" for c in last).lstrip(".")
+    return cleaned[:120] or "download"
+
+
+def _checked_https_url(url: str, original: str) -> SplitResult:
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "https":
+        raise JobFailure(
+            "uri_forbidden", f"{original}: only https:// downloads are allowed (this hop is {parts.scheme or 'relative'}://)"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise JobFailure("uri_forbidden", f"{original}: credentials in the URL are not supported; use a signed URL")
+    if not parts.hostname:
+        raise JobFailure("uri_invalid", f"{original}: the URL names no host")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        raise JobFailure("uri_invalid", f"{original}: the URL's port is not a number in 0..65535") from None
+    return parts
+
+
+def _resolve_checked(
+    parts: SplitResult, original: str, address_allowed: Callable[[IPAddress], bool]
+) -> IPAddress:
+    """Resolve the host and refuse it unless every address it resolves to is allowed: a name that resolves to one
+    public and one private address could otherwise be made to connect to the private one."""
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise JobFailure("download_failed", f"{original}: cannot resolve host {parts.hostname!r} ({exc})") from None
+    # Scoped IPv6 addresses come back as "fe80::1%eth0"; the scope is not part of the address.
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    refused = [str(address) for address in addresses if not address_allowed(address)]
+    if refused or not addresses:
+        raise JobFailure(
+            "uri_forbidden",
+            f"{original}: host {parts.hostname!r} resolves to {', '.join(refused) or 'nothing'}, which is not a "
+            "public internet address; datasets can be downloaded only from public https servers",
+        )
+    return addresses[0]
+
+
+def _get_to_file(
+    parts: SplitResult,
+    ip: IPAddress,
+    target: Path,
+    original: str,
+    max_bytes: int,
+    timeout_seconds: float,
+    deadline: float,
+    verify: ssl.SSLContext | bool,
+) -> str | None:
+    """GET one hop from the checked address. Returns the redirect location, or None once the body is in `target`."""
+    port = parts.port or 443
+    ip_netloc = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    pinned_url = urlunsplit(("https", ip_netloc, parts.path or "/", parts.query, ""))
+    host = parts.hostname if parts.hostname.isascii() else parts.hostname.encode("idna").decode("ascii")
+    host_header = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        host_header += f":{parts.port}"
+    # Connect to the address we checked, not to whatever a second DNS answer says (DNS rebinding), while the
+    # certificate is still verified against the real host name (SNI) and the server sees the real Host header.
+    # trust_env=False: a proxy from the environment would make its own, unchecked connection.
+    # Each hop gets what is left of the whole download's time, so redirects cannot stretch it.
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise JobFailure("download_failed", f"{original}: the download took longer than {timeout_seconds:g} s")
+    try:
+        with httpx.Client(verify=verify, timeout=remaining, follow_redirects=False, trust_env=False) as client:
+            request = client.build_request(
+                "GET", pinned_url, headers={"Host": host_header}, extensions={"sni_hostname": host}
+            )
+            response = client.send(request, stream=True)
+            try:
+                if response.status_code in REDIRECT_STATUSES and "location" in response.headers:
+                    return response.headers["location"]
+                _check_status(response, original)
+                _stream_to_file(response, target, original, max_bytes, deadline, timeout_seconds)
+                return None
+            finally:
+                response.close()
+    except httpx.TimeoutException:
+        raise JobFailure(
+            "download_failed", f"{original}: the server did not answer within {timeout_seconds:g} s"
+        ) from None
+    except httpx.HTTPError as exc:
+        raise JobFailure("download_failed", f"{original}: download failed ({type(exc).__name__}: {exc})") from None
+
+
+def _check_status(response: httpx.Response, original: str) -> None:
+    if response.status_code in (404, 410):
+        raise JobFailure("dataset_not_found", f"{original}: the server answered {response.status_code} (not found)")
+    if not 200 <= response.status_code < 300:
+        raise JobFailure(
+            "download_failed", f"{original}: the server answered {response.status_code}; check the URL is public"
+        )
+
+
+def _stream_to_file(
+    response: httpx.Response, target: Path, original: str, max_bytes: int, deadline: float, timeout_seconds: float
+) -> None:
+    too_large = JobFailure(
+        "dataset_too_large",
+        f"{original}: the file is larger than the {max_bytes} byte download limit (REFINERY_HTTPS_MAX_BYTES)",
+    )
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    received = 0
+    try:
+        with open(target, "wb") as out:
+            for chunk in response.iter_bytes(CHUNK):
+                received += len(chunk)
+                if received > max_bytes:
+                    raise too_large
+                if time.monotonic() > deadline:
+                    # httpx's timeout is per read; a server trickling bytes would otherwise never time out.
+                    raise JobFailure("download_failed", f"{original}: the download took longer than {timeout_seconds:g} s")
+                out.write(chunk)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
