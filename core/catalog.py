@@ -1,37 +1,28 @@
 """Methods, their algorithms and each algorithm's parameter model: what `GET /v1/methods` publishes and specs obey.
 
-A method's training code lives in `workers/methods/`; only the torch-free parameter models live here, so the API can
-validate specs without importing torch."""
-from dataclasses import dataclass
-from typing import Literal
+Each method's entry lives in its own module under `core/methods/` (found by discovery, so adding a method touches no
+shared file); its training code lives in `workers/methods/`. Only torch-free pydantic models live here, so the API
+validates specs without importing torch."""
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict
 
 
 class Params(BaseModel):
+    """Base of every algorithm's parameters: frozen, unknown keys refused."""
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TrainParams(Params):
-    epochs: int | Literal["auto"] = Field(default=30, description='epochs, or "auto" to train until the budget or a plateau')
-    lr: float = Field(default=1e-3, gt=0, le=10)
-    batch_size: int | Literal["auto"] = Field(
-        default="auto", description='rows per step; "auto" = min(64, max(8, rows // 16)), so small tables still get '
-                                    'enough optimizer steps per epoch')
-    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
-    momentum: float = Field(default=0.9, ge=0, lt=1, description="for sgd")
-    weight_decay: float = Field(default=1e-4, ge=0, le=1)
-    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
-    schedule: Literal["cosine", "constant", "step"] = "cosine"
-    patience: int = Field(default=10, ge=1, le=1000, description='epochs without validation gain before "auto" stops')
-    augment: bool = Field(default=False, description="random ±1 pixel shifts for images")
+class SpecProblem(ValueError):
+    """A spec that is well-formed but wrong for its method, e.g. `unlearn` without `forget`; `param` names the field."""
 
-    @field_validator("batch_size")
-    @classmethod
-    def _batch_bounds(cls, value):
-        if value != "auto" and not 1 <= value <= 65536:
-            raise ValueError("batch_size must be between 1 and 65536, or \"auto\"")
-        return value
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -47,17 +38,23 @@ class Method:
     default_algorithm: str
     algorithms: dict[str, Algorithm]
     summary: str
+    # Called with the JobSpec after its params validated; raises SpecProblem for method-specific rules.
+    check_spec: Callable[..., None] | None = field(default=None)
 
 
-METHODS: dict[str, Method] = {
-    "train": Method(
-        name="train",
-        default_algorithm="supervised",
-        summary="Plain supervised training: baselines, teachers, oracle retrains.",
-        algorithms={"supervised": Algorithm("supervised", TrainParams,
-                                            "Cross-entropy training, keeping the best validation checkpoint.")},
-    ),
-}
+def _discover() -> dict[str, Method]:
+    import core.methods
+    found: dict[str, Method] = {}
+    for info in sorted(pkgutil.iter_modules(core.methods.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"core.methods.{info.name}")
+        method = getattr(module, "METHOD", None)
+        if isinstance(method, Method):
+            found[method.name] = method
+    order = ["train", "distill", "prune", "unlearn"]
+    return dict(sorted(found.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+METHODS: dict[str, Method] = _discover()
 
 
 def find_algorithm(method: str, algorithm: str | None) -> Algorithm | None:

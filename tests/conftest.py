@@ -144,7 +144,13 @@ class Platform:
                              + (self.home / "worker.log").read_text()[-3000:])
 
     def events(self, job_id: str) -> list[dict]:
-        return self.http.get(f"/v1/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+        events, params = [], {"limit": 100}
+        while True:
+            page = self.http.get(f"/v1/jobs/{job_id}/events", params=params).json()
+            events += page["data"]
+            if not page["has_more"]:
+                return events
+            params["after"] = page["data"][-1]["id"]
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(Path(sys.executable).parent / "refinery"), *args], env=self.env, cwd=ROOT,

@@ -242,7 +242,7 @@ def test_sigkilled_worker_job_resumes_on_a_new_attempt(platform):
     job = platform.submit({"method": "train", "dataset": {"uri": "builtin://digits"}, "params": {"epochs": 60},
                            "budget": {"max_seconds": 300}, "seed": 3})
     deadline = time.time() + 120
-    while time.time() < deadline and (platform.job(job["id"])["progress"].get("epoch") or 0) < 8:
+    while time.time() < deadline and "checkpoint.saved" not in [e["type"] for e in platform.events(job["id"])]:
         time.sleep(0.2)
     killed_at = time.time()
     platform.kill_worker()

@@ -30,9 +30,10 @@ CONTENT_TYPES = {".onnx": "application/onnx", ".safetensors": "application/octet
 class Stop(Exception):
     """Raised inside a loop to end the job early: `reason` is "cancelled" or "budget"."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, step: int | None = None):
         super().__init__(reason)
         self.reason = reason
+        self.step = step  # the global step reached when the loop stopped
 
 
 def worker_name() -> str:
@@ -79,12 +80,12 @@ class JobRun:
         if self._lease_lost.is_set():
             raise lifecycle.LeaseLost(self.job_id)
         if self._cancelled.is_set():
-            raise Stop("cancelled")
+            raise Stop("cancelled", step)
         if self.remaining_seconds() <= self.finish_reserve():
-            raise Stop("budget")
+            raise Stop("budget", step)
         max_steps = self.spec.budget.max_steps
         if max_steps is not None and step is not None and step >= max_steps:
-            raise Stop("budget")
+            raise Stop("budget", step)
 
     # --- heartbeat ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -162,6 +163,8 @@ class JobRun:
         if previous and previous.get("weights") != f"ckpt-{stamp}.safetensors":
             self.store.delete_prefix(self._checkpoint_key(previous["weights"]))
         self._last_checkpoint = time.monotonic()
+        self.event("checkpoint.saved", f"Checkpoint at step {meta.get('step', 0)}; a new attempt resumes here.",
+                   level="debug", step=meta.get("step", 0), bytes=len(tensor_bytes))
 
     def load_checkpoint_meta(self) -> dict[str, Any] | None:
         raw = self.store.read_bytes(self._checkpoint_key("latest.json"))

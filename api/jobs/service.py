@@ -8,7 +8,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import APIError, loc_to_param
-from core.catalog import METHODS, find_algorithm
+from core.catalog import METHODS, SpecProblem, find_algorithm
 from core.ids import new_id
 from core.settings import Settings
 from core.spec import JobSpec
@@ -37,6 +37,11 @@ def normalise(spec: JobSpec, settings: Settings) -> dict:
         first = exc.errors()[0]
         param = loc_to_param(("params", *first["loc"]))
         raise APIError(422, "invalid_params", f"{param}: {first['msg']}", param=param) from None
+    if method.check_spec is not None:
+        try:
+            method.check_spec(spec)
+        except SpecProblem as problem:
+            raise APIError(422, "invalid_spec", problem.message, param=problem.param) from None
     max_seconds = spec.budget.max_seconds or settings.default_max_seconds
     if max_seconds > settings.max_seconds_cap:
         raise APIError(422, "budget_too_large", f"budget.max_seconds may be at most {settings.max_seconds_cap} on "

@@ -41,7 +41,18 @@ def register(method: str, algorithm: str):
     return decorate
 
 
+def _import_recipes() -> None:
+    """Each module under workers/methods/ registers its recipes when imported."""
+    import importlib
+    import pkgutil
+
+    import workers.methods
+    for info in pkgutil.iter_modules(workers.methods.__path__):
+        importlib.import_module(f"workers.methods.{info.name}")
+
+
 def get_recipe(method: str, algorithm: str) -> Recipe | None:
-    from workers.methods import train  # noqa: F401  (registers itself)
+    if not RECIPES:
+        _import_recipes()
     factory = RECIPES.get((method, algorithm))
     return factory() if factory else None

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from core.catalog import TrainParams
+from core.methods.train import TrainParams
 from workers.checkpoints import optimizer_tensors, pack, restore_optimizer
 from workers.errors import JobFailure
 from workers.evaluation import predict_logits
@@ -15,35 +15,14 @@ from workers.methods import Outcome, register
 from workers.models import default_arch
 from workers.outputs import publish_model
 from workers.runtime import JobRun, Stop
+from workers.training import auto_batch_size, lr_factor, make_optimizer, pick_device, set_lr, train_one_epoch
 
 AUTO_MAX_EPOCHS = 1000
 
 
-def pick_device(setting: str) -> torch.device:
-    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def make_optimizer(params: TrainParams, model: torch.nn.Module) -> torch.optim.Optimizer:
-    if params.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=params.lr, momentum=params.momentum,
-                               weight_decay=params.weight_decay, nesterov=params.momentum > 0)
-    cls = torch.optim.AdamW if params.optimizer == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-
-
-def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-    if schedule == "step":
-        return 0.1 ** (epoch // max(1, epochs // 3))
-    return 1.0
-
-
-def shift_images(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def shift_images(x: torch.Tensor) -> torch.Tensor:
     """Random ±1 pixel translations, the classic cheap augmentation for small digit images."""
-    dx, dy = (torch.randint(-1, 2, (2,), generator=generator)).tolist()
+    dx, dy = torch.randint(-1, 2, (2,)).tolist()
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
 
 
@@ -62,11 +41,11 @@ class SupervisedTraining:
         self.model.to(self.device)
         self.x, self.y = to_tensors(self.train, self.device)
         self.val_x, self.val_y = to_tensors(self.val, self.device)
-        self.optimizer = make_optimizer(self.p, self.model)
+        self.optimizer = make_optimizer(self.p.optimizer, self.model, self.p.lr, self.p.weight_decay, self.p.momentum)
         self.epochs = AUTO_MAX_EPOCHS if self.p.epochs == "auto" else self.p.epochs
         if run.spec.budget.max_epochs:
             self.epochs = min(self.epochs, run.spec.budget.max_epochs)
-        self.batch_size = self.p.batch_size if self.p.batch_size != "auto" else min(64, max(8, len(self.y) // 16))
+        self.batch_size = self.p.batch_size if self.p.batch_size != "auto" else auto_batch_size(len(self.y))
         self.steps_per_epoch = math.ceil(len(self.y) / self.batch_size)
         self.epoch, self.step = 0, 0
         self.best_accuracy, self.best_loss, self.best_epoch, self.best_state = -1.0, math.inf, -1, None
@@ -114,6 +93,7 @@ class SupervisedTraining:
         except Stop as stop:
             if stop.reason == "cancelled":
                 raise
+            self.step = stop.step if stop.step is not None else self.step
             stopped_by = "budget"
             run.event("budget.exhausted", f"Budget reached after {self.epoch} full epochs; keeping the best model.",
                       level="warning", used_seconds=round(run.used_seconds(), 2))
@@ -133,33 +113,19 @@ class SupervisedTraining:
     def _train_epoch(self, run: JobRun, total_steps: int | None) -> None:
         p = self.p
         lr = p.lr * (lr_factor(p.schedule, self.epoch, self.epochs) if p.epochs != "auto" else 1.0)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        # Seeded per epoch, so a resumed attempt replays exactly the shuffles the lost one would have made.
-        generator = torch.Generator().manual_seed(run.spec.seed * 100003 + self.epoch)
-        torch.manual_seed(run.spec.seed * 100003 + self.epoch)
-        order = torch.randperm(len(self.y), generator=generator).to(self.device)
-        self.model.train()
-        total_loss, seen = 0.0, 0
-        for start in range(0, len(order), self.batch_size):
-            run.check(self.step)
-            index = order[start:start + self.batch_size]
-            xb, yb = self.x[index], self.y[index]
+        set_lr(self.optimizer, lr)
+
+        def loss_of_batch(index: torch.Tensor) -> torch.Tensor:
+            xb = self.x[index]
             if p.augment and xb.ndim == 4:
-                xb = shift_images(xb, generator)
-            loss = F.cross_entropy(self.model(xb), yb, label_smoothing=p.label_smoothing)
-            if not torch.isfinite(loss):
-                raise JobFailure("nan_loss", f"The loss became {loss.item()} at step {self.step}; lower params.lr "
-                                 f"(now {p.lr}) or check the inputs for extreme values.")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.step += 1
-            total_loss += loss.item() * len(index)
-            seen += len(index)
+                xb = shift_images(xb)
+            return F.cross_entropy(self.model(xb), self.y[index], label_smoothing=p.label_smoothing)
+
+        train_loss, self.step = train_one_epoch(run, self.model, self.optimizer, len(self.y), self.batch_size,
+                                                loss_of_batch, seed=run.spec.seed, epoch=self.epoch, step=self.step,
+                                                lr_hint=p.lr)
         self.epoch += 1
         scores = self.evaluate()
-        train_loss = total_loss / max(1, seen)
         for name, value in (("train_loss", train_loss), ("val_loss", scores["val_loss"]),
                             ("val_accuracy", scores["val_accuracy"]), ("lr", lr)):
             self.curves[name].append([self.epoch, value])

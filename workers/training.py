@@ -1,0 +1,75 @@
+"""Building blocks every recipe's loop shares: device choice, optimizers and schedules, seeded epoch shuffles, and
+one epoch of optimisation with the per-step budget/cancel check and a NaN guard. The loss is the recipe's own."""
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+
+from workers.errors import JobFailure
+from workers.runtime import JobRun
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def make_optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
+                   momentum: float = 0.9) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=momentum > 0)
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    return cls(model.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+    if schedule == "step":
+        return 0.1 ** (epoch // max(1, epochs // 3))
+    return 1.0
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def auto_batch_size(rows: int) -> int:
+    """min(64, max(8, rows // 16)): small tables still get enough optimizer steps per epoch."""
+    return min(64, max(8, rows // 16))
+
+
+def epoch_batches(rows: int, batch_size: int, seed: int, epoch: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """Index batches of one epoch. Seeded by (seed, epoch), so a resumed attempt replays exactly the shuffles the
+    lost attempt would have made; dropout's RNG is reseeded the same way."""
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    torch.manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(rows, generator=generator).to(device)
+    for start in range(0, rows, batch_size):
+        yield order[start:start + batch_size]
+
+
+def train_one_epoch(run: JobRun, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rows: int,
+                    batch_size: int, loss_of_batch: Callable[[torch.Tensor], torch.Tensor], *, seed: int, epoch: int,
+                    step: int, lr_hint: float | None = None) -> tuple[float, int]:
+    """One pass over `rows` in seeded batches: `loss_of_batch(indices)` gives the loss to minimise. Checks the budget
+    and cancel flag before every step. Returns (mean loss, new global step)."""
+    model.train()
+    total, seen = 0.0, 0
+    for index in epoch_batches(rows, batch_size, seed, epoch, next(model.parameters()).device):
+        run.check(step)
+        loss = loss_of_batch(index)
+        if not torch.isfinite(loss):
+            hint = f" (now {lr_hint})" if lr_hint is not None else ""
+            raise JobFailure("nan_loss", f"The loss became {loss.item()} at step {step}; lower params.lr{hint} or "
+                             "check the inputs for extreme values.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        total += loss.item() * len(index)
+        seen += len(index)
+    return total / max(1, seen), step
