@@ -4,7 +4,7 @@ from celery import Celery
 from core.settings import Settings, get_settings
 
 RUN_JOB = "refinery.run_job"
-QUEUE = "refinery.jobs"
+QUEUE = "refinery.jobs"  # the default of REFINERY_QUEUE
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -21,7 +21,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options=options,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
-        task_default_queue=QUEUE,
+        task_default_queue=settings.queue,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
@@ -40,7 +40,7 @@ celery_app = make_celery(get_settings())
 
 def publish(job_id: str) -> None:
     """Wake a worker for this job. Failing here loses nothing: the dispatcher sweep publishes again."""
-    celery_app.send_task(RUN_JOB, args=[job_id], queue=QUEUE, retry=False)
+    celery_app.send_task(RUN_JOB, args=[job_id], queue=get_settings().queue, retry=False)
 
 
 def ping_broker() -> bool:

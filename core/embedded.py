@@ -9,8 +9,12 @@ from pathlib import Path
 
 from core.settings import Settings
 
-WORKER_ARGS = ["-m", "celery", "-A", "workers.app", "worker", "--pool=solo", "--concurrency=1", "-Q",
-               "refinery.jobs", "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel=INFO"]
+
+def worker_args(queue: str) -> list[str]:
+    """One job per worker process (solo pool); gossip, mingle and broker heartbeats are not needed: the ledger's
+    leases are what detect a dead worker."""
+    return ["-m", "celery", "-A", "workers.app", "worker", "--pool=solo", "--concurrency=1", "-Q", queue,
+            "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel=INFO"]
 
 
 def api_key_for(settings: Settings) -> str:
@@ -68,7 +72,7 @@ def serve(settings: Settings) -> None:
     children = [
         Child("api", ["-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(settings.port),
                       "--log-level", "warning"], env, logs / "api.log"),
-        Child("worker", WORKER_ARGS, env, logs / "worker.log"),
+        Child("worker", worker_args(settings.queue), env, logs / "worker.log"),
     ]
     for child in children:
         child.start()

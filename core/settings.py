@@ -13,6 +13,7 @@ class Settings(BaseSettings):
     # Empty means the embedded default under `home`: SQLite, kombu's filesystem transport, a local artifact dir.
     database_url: str = ""
     broker_url: str = ""
+    queue: str = "refinery.jobs"  # the Celery queue jobs are published to and workers consume
     storage_url: str = ""
     bootstrap_token: str | None = None
     bootstrap_project: str = "default"

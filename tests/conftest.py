@@ -19,6 +19,7 @@ import redis
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 PG_HOST = os.environ.get("REFINERY_TEST_PG_HOST", "127.0.0.1")
 REDIS_URL = os.environ.get("REFINERY_TEST_REDIS", "redis://127.0.0.1:6379/11")
+QUEUE = f"refinery.test.{uuid.uuid4().hex[:8]}"  # per test session, so parallel sessions never share messages
 TOKEN = "rfy_test_bootstrap_" + uuid.uuid4().hex
 ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -50,9 +51,8 @@ def pg_url():
 @pytest.fixture(scope="session")
 def redis_client():
     client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
     yield client
-    client.flushdb()
+    client.delete(QUEUE)
 
 
 @pytest.fixture(scope="session")
@@ -107,8 +107,8 @@ class Platform:
         raise RuntimeError("API did not start: " + (self.home / "api.log").read_text()[-2000:])
 
     def start_worker(self) -> None:
-        from core.embedded import WORKER_ARGS
-        self.worker_proc = self._spawn(WORKER_ARGS, "worker.log")
+        from core.embedded import worker_args
+        self.worker_proc = self._spawn(worker_args(self.env["REFINERY_QUEUE"]), "worker.log")
 
     def kill_worker(self, sig=signal.SIGKILL) -> None:
         if self.worker_proc and self.worker_proc.poll() is None:
@@ -160,7 +160,7 @@ class Platform:
 @pytest.fixture(scope="session")
 def platform(pg_url, redis_client, data_root, tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
-    env = dict(os.environ, REFINERY_HOME=str(home), REFINERY_DATABASE_URL=pg_url, REFINERY_BROKER_URL=REDIS_URL,
+    env = dict(os.environ, REFINERY_HOME=str(home), REFINERY_DATABASE_URL=pg_url, REFINERY_BROKER_URL=REDIS_URL, REFINERY_QUEUE=QUEUE,
                REFINERY_STORAGE_URL=f"file://{home / 'store'}", REFINERY_BOOTSTRAP_TOKEN=TOKEN,
                REFINERY_DATA_ROOTS=str(data_root), REFINERY_PORT=str(free_port()), REFINERY_LEASE_SECONDS="6",
                REFINERY_HEARTBEAT_SECONDS="1", REFINERY_CHECKPOINT_SECONDS="1", REFINERY_REDISPATCH_SECONDS="3",

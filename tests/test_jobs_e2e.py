@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import onnx_accuracy
+from tests.conftest import QUEUE, onnx_accuracy
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +264,8 @@ def test_a_lost_broker_message_does_not_lose_the_job(platform, redis_client):
     job = platform.submit({"method": "train", "dataset": {"uri": "builtin://digits"}, "params": {"epochs": 1},
                            "budget": {"max_seconds": 60}})
     time.sleep(0.5)
-    redis_client.flushdb()  # the broker forgets the message (a Redis restart without persistence)
+    assert redis_client.llen(QUEUE) >= 1
+    redis_client.delete(QUEUE)  # the broker forgets the message (a Redis restart without persistence)
     platform.start_worker()
     done = platform.wait(job["id"], timeout=120)
     assert done["status"] == "succeeded" and done["attempt"] == 1
