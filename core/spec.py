@@ -82,3 +82,5 @@ class JobSpec(Strict):
     student: dict[str, Any] | None = None
     teachers: list[ModelRef] | None = None
     transfer: DatasetRef | None = None
+    evaluate: dict[str, Any] | None = Field(default=None, description="method-specific evaluation options, e.g. "
+                                            "unlearn's {\"oracles\": K}; checked by the method")
