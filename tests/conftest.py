@@ -22,6 +22,10 @@ REDIS_URL = os.environ.get("REFINERY_TEST_REDIS", "redis://127.0.0.1:6379/11")
 QUEUE = f"refinery.test.{uuid.uuid4().hex[:8]}"  # per test session, so parallel sessions never share messages
 TOKEN = "rfy_test_bootstrap_" + uuid.uuid4().hex
 ROOT = Path(__file__).resolve().parent.parent
+# The test process itself publishes (ledger tests): point its settings at the test Redis queue and a scratch home
+# before anything reads them.
+os.environ.update(REFINERY_BROKER_URL=REDIS_URL, REFINERY_QUEUE=QUEUE,
+                  REFINERY_HOME=os.environ.get("REFINERY_TEST_HOME", f"/tmp/refinery-test-{uuid.uuid4().hex[:8]}"))
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
