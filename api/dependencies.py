@@ -12,21 +12,14 @@ from api.errors import APIError
 from core.settings import Settings, get_settings
 from db.models import ApiKey
 from db.repositories.projects import find_active_key
-from db.session import get_sessionmaker
+from db.session import transaction
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
 def get_session(settings: SettingsDep) -> Iterator[Session]:
-    session = get_sessionmaker(settings.database_url)()
-    try:
+    with transaction(settings.database_url) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 # scope="function": commit before the response is sent, so a client that got 201 can read the object at once.
