@@ -17,8 +17,8 @@ from db.session import transaction
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def get_session(settings: SettingsDep) -> Iterator[Session]:
-    with transaction(settings.database_url) as session:
+def get_session(request: Request, settings: SettingsDep) -> Iterator[Session]:
+    with transaction(settings.database_url, readonly=request.method in ("GET", "HEAD")) as session:
         yield session
 
 

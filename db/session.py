@@ -27,7 +27,8 @@ def get_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # Read-only sessions (GET requests) take no write lock, so status polling does not queue behind writers.
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("readonly") else "BEGIN IMMEDIATE")
 
         return engine
     if url.startswith("postgresql://"):
@@ -41,9 +42,10 @@ def get_sessionmaker(url: str) -> sessionmaker[Session]:
 
 
 @contextmanager
-def transaction(url: str) -> Iterator[Session]:
-    """The unit of work outside requests (worker, sweeps, CLI): commit on success, roll back on error."""
-    session = get_sessionmaker(url)()
+def transaction(url: str, readonly: bool = False) -> Iterator[Session]:
+    """A unit of work: commit on success, roll back on error. `readonly` lets SQLite skip the write lock."""
+    session = get_sessionmaker(url)(bind=get_engine(url).execution_options(readonly=True)) if readonly \
+        else get_sessionmaker(url)()
     try:
         yield session
         session.commit()
