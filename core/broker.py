@@ -38,9 +38,9 @@ def make_celery(settings: Settings) -> Celery:
 celery_app = make_celery(get_settings())
 
 
-def publish(job_id: str) -> None:
+def publish(job_id: str, queue: str | None = None) -> None:
     """Wake a worker for this job. Failing here loses nothing: the dispatcher sweep publishes again."""
-    celery_app.send_task(RUN_JOB, args=[job_id], queue=get_settings().queue, retry=False)
+    celery_app.send_task(RUN_JOB, args=[job_id], queue=queue or get_settings().queue, retry=False)
 
 
 def ping_broker() -> bool:

@@ -13,9 +13,9 @@ from db.session import transaction
 log = logging.getLogger("refinery.sweeper")
 
 
-def publish_and_mark(url: str, job_id: str) -> bool:
+def publish_and_mark(url: str, job_id: str, queue: str) -> bool:
     try:
-        publish(job_id)
+        publish(job_id, queue)
     except Exception as exc:  # broker down: the job stays in the outbox and the next sweep tries again
         log.warning("publish of %s failed: %s", job_id, exc)
         return False
@@ -31,7 +31,7 @@ def sweep_once(settings: Settings) -> dict[str, int]:
     with transaction(url) as session:
         pending = [m.job_id for m in outbox.pending(session)]
         stale = outbox.stale_queued_jobs(session, older_than=time.time() - settings.redispatch_seconds)
-    published = sum(publish_and_mark(url, job_id) for job_id in dict.fromkeys(pending + stale))
+    published = sum(publish_and_mark(url, job_id, settings.queue) for job_id in dict.fromkeys(pending + stale))
     return {"reaped": len(reaped), "published": published}
 
 

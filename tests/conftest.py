@@ -35,21 +35,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def pg_url():
-    """A new database per test session on the real Postgres, migrated with the real Alembic migrations."""
+@contextlib.contextmanager
+def fresh_database():
+    """A new database on the real Postgres, migrated with the real Alembic migrations, dropped afterwards."""
     from db.migrate import upgrade
+    from db.session import get_engine
 
     name = f"refinery_test_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(f"host={PG_HOST} user=postgres dbname=postgres", autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = f"postgresql://postgres@{PG_HOST}:5432/{name}"
-    upgrade(url)
-    yield url
-    from db.session import get_engine
-    get_engine(url).dispose()
-    with psycopg.connect(f"host={PG_HOST} user=postgres dbname=postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        get_engine(url).dispose()
+        with psycopg.connect(f"host={PG_HOST} user=postgres dbname=postgres", autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """The database the running platform (API + worker) uses."""
+    with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,6 @@ def test_every_v1_route_needs_a_valid_key(platform, headers):
     ({"method": "train", "dataset": {"uri": "builtin://digits"}, "params": {"bogus": 1}}, "params.bogus"),
     ({"method": "train", "dataset": {"uri": "builtin://digits"}, "params": {"epochs": "forever"}}, "params.epochs"),
     ({"method": "train", "algorithm": "quantum", "dataset": {"uri": "builtin://digits"}}, "algorithm"),
-    ({"method": "prune", "dataset": {"uri": "builtin://digits"}}, "method"),
     ({"method": "train", "dataset": {"uri": "builtin://digits"}, "budget": {"max_seconds": 10**9}},
      "budget.max_seconds"),
     ({"method": "train", "dataset": {"uri": "builtin://digits"}, "budget": {"max_seconds": 0}}, "budget.max_seconds"),
