@@ -4,6 +4,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("refinery.api")
@@ -11,6 +12,26 @@ log = logging.getLogger("refinery.api")
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                409: "conflict_error", 413: "request_too_large", 416: "invalid_request_error",
                422: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    code: str
+    message: str
+    param: str | None
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorDetail
+
+
+def documented(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` for the error statuses a route can answer with, all in the error envelope."""
+    return {status: {"model": ErrorEnvelope, "description": ERROR_TYPES.get(status, "error")} for status in statuses}
+
+
+# What every authenticated /v1 route may answer besides its success.
+V1_ERRORS = documented(400, 401, 404, 413, 422, 429)
 
 
 class APIError(Exception):

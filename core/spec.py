@@ -5,6 +5,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 Method = Literal["train", "distill", "prune", "unlearn"]
 URI_SCHEMES = ("builtin://", "file://", "https://", "s3://", "job://", "file_")
+URI_PATTERN = r"^(builtin://|file://|https://|s3://|job://|file_)"
+Uri = Annotated[str, Field(pattern=URI_PATTERN, min_length=5, max_length=2048,
+                           description="builtin://, file://, https://, s3://, job://<id>[/<artifact>] or file_…")]
 
 
 def check_uri(uri: str) -> str:
@@ -20,7 +23,7 @@ class Strict(BaseModel):
 class Validation(Strict):
     """Either a seeded stratified `fraction` of the dataset, or a separate `uri` in the same format."""
     fraction: float | None = Field(default=None, gt=0.0, lt=0.9)
-    uri: str | None = None
+    uri: Uri | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> "Validation":
@@ -32,7 +35,7 @@ class Validation(Strict):
 
 
 class DatasetRef(Strict):
-    uri: str
+    uri: Uri
     label_column: str | None = Field(default=None, description="label column for .csv / .parquet datasets")
     validation: Validation | None = None
 
@@ -41,7 +44,7 @@ class DatasetRef(Strict):
 
 class ModelRef(Strict):
     """A model: `uri` of safetensors weights (or `job://<id>` for a Refinery model), `arch` from the registry, `args`."""
-    uri: str | None = None
+    uri: Uri | None = None
     arch: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
 
@@ -63,7 +66,7 @@ class Budget(Strict):
 class Forget(Strict):
     class_: int | None = Field(default=None, alias="class", ge=0)
     indices: list[int] | None = None
-    uri: str | None = None
+    uri: Uri | None = None
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -1,20 +1,20 @@
 """Routes under /v1/files."""
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, Query, UploadFile
 
 from api.dependencies import ProjectId, SessionDep, SettingsDep
-from api.errors import not_found
+from api.errors import V1_ERRORS, not_found
 from api.files.schemas import FileList, FileObject
 from api.files.service import store_upload
 from db.repositories.artifacts import get_project_file, list_files
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=V1_ERRORS)
 
 
 @router.post("", status_code=201, response_model=FileObject)
 def upload(file: UploadFile, project_id: ProjectId, session: SessionDep, settings: SettingsDep,
-           purpose: Annotated[str, Form()] = "dataset"):
+           purpose: Annotated[Literal["dataset", "model"], Form()] = "dataset"):
     row = store_upload(session, settings, project_id, file.file, file.filename, purpose, file.content_type)
     return FileObject.of(row)
 

@@ -31,8 +31,6 @@ def store_upload(session: Session, settings: Settings, project_id: str, stream: 
     except ValueError:
         raise APIError(413, "file_too_large", f"Uploads are limited to {settings.max_upload_bytes} bytes.",
                        param="file") from None
-    if size == 0:
-        raise APIError(422, "empty_file", "The uploaded file is empty.", param="file")
     return add_file(session, File(id=new_id("file"), project_id=project_id, filename=safe_filename(filename),
                                   purpose=purpose, size=size, sha256=sha,
                                   content_type=content_type or "application/octet-stream", storage_key=key,

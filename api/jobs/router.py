@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api.dependencies import ProjectId, SessionDep, SettingsDep, idempotency_key
-from api.errors import APIError
+from api.errors import V1_ERRORS, APIError, documented
 from api.jobs import service
 from api.jobs.dependencies import OwnedJob
 from api.jobs.schemas import EventList, EventObject, JobList, JobObject, MetricList, MetricPointObject, MetricSeries
@@ -20,11 +20,11 @@ from db.repositories import jobs as job_repo
 from db.repositories.outbox import mark_published
 from db.session import get_sessionmaker
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_ERRORS)
 Limit = Annotated[int, Query(ge=1, le=100)]
 
 
-@router.post("", status_code=201, response_model=JobObject)
+@router.post("", status_code=201, response_model=JobObject, responses=documented(409, 503))
 def create_job(spec: JobSpec, project_id: ProjectId, session: SessionDep, settings: SettingsDep, response: Response,
                key: Annotated[str | None, Depends(idempotency_key)]):
     job, created = service.create_job(session, settings, project_id, spec, key)

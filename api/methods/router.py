@@ -5,9 +5,10 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from api.dependencies import ProjectId
+from api.errors import V1_ERRORS
 from core.catalog import METHODS
 
-router = APIRouter(prefix="/v1/methods", tags=["methods"])
+router = APIRouter(prefix="/v1/methods", tags=["methods"], responses=V1_ERRORS)
 
 
 class AlgorithmObject(BaseModel):
