@@ -33,13 +33,14 @@ def cmd_get(args) -> int:
 
 
 def cmd_list(args) -> int:
-    table = Table("id", "status", "method", "algorithm", "accuracy", "attempt")
+    table = Table("status", "method", "algorithm", "accuracy", "attempt")
+    table.add_column("id", no_wrap=True, min_width=31)  # ids must survive narrow (or no) terminals whole
     for i, job in enumerate(_client(args).jobs(status=args.status, method=args.method)):
         if i >= args.limit:
             break
         accuracy = ((job.get("result") or {}).get("metrics") or {}).get("accuracy")
-        table.add_row(job["id"], job["status"], job["method"], job["algorithm"],
-                      "" if accuracy is None else f"{accuracy:.4f}", str(job["attempt"]))
+        table.add_row(job["status"], job["method"], job["algorithm"], "" if accuracy is None else f"{accuracy:.4f}",
+                      str(job["attempt"]), job["id"])
     console.print(table)
     return 0
 
