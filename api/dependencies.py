@@ -4,7 +4,7 @@ import time
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -15,6 +15,15 @@ from db.repositories.projects import find_active_key
 from db.session import transaction
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+# Ids, cursors and names from paths and queries: checked before they reach SQL (Postgres refuses NUL bytes, and an
+# id that cannot exist should be a clean 404/422, not a database error).
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+NAME_PATTERN = r"^[A-Za-z0-9._-]{1,200}$"
+PathId = Annotated[str, Path(pattern=ID_PATTERN)]
+PathName = Annotated[str, Path(pattern=NAME_PATTERN)]
+CursorQuery = Annotated[str | None, Query(pattern=ID_PATTERN)]
+NameQuery = Annotated[str | None, Query(pattern=NAME_PATTERN)]
 
 
 def get_session(request: Request, settings: SettingsDep) -> Iterator[Session]:
@@ -73,9 +82,7 @@ def get_project_id(key: Annotated[ApiKey, Depends(get_api_key)]) -> str:
 ProjectId = Annotated[str, Depends(get_project_id)]
 
 
-def idempotency_key(request: Request) -> str | None:
-    value = request.headers.get("idempotency-key")
-    if value is not None and not (1 <= len(value) <= 255):
-        raise APIError(400, "invalid_idempotency_key", "Idempotency-Key must be 1 to 255 characters.",
-                       param="Idempotency-Key")
-    return value
+def idempotency_key(key: Annotated[str | None, Header(alias="Idempotency-Key", pattern=r"^[\x21-\x7e]{1,255}$",
+                                                     description="same key + same body returns the same object")]
+                    = None) -> str | None:
+    return key

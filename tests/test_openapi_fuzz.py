@@ -38,7 +38,7 @@ def api_only(tmp_path_factory, redis_client):
 @pytest.mark.parametrize("authenticated", [True, False])
 def test_fuzzing_finds_no_server_errors_or_schema_violations(api_only, authenticated):
     args = [SCHEMATHESIS, "run", f"{api_only.base}/openapi.json", "--checks", CHECKS, "--max-examples", "25",
-            "--seed", "1", "--workers", "2"]
+            "--seed", "1", "--workers", "2"]  # pinned so CI is repeatable; vary it by hand to explore
     if authenticated:
         args += ["-H", f"Authorization: Bearer {TOKEN}"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)

@@ -6,7 +6,7 @@ from fastapi.responses import StreamingResponse
 
 from api.artifacts.schemas import ArtifactList, ArtifactObject
 from api.artifacts.service import parse_range
-from api.dependencies import SessionDep, SettingsDep
+from api.dependencies import PathName, SessionDep, SettingsDep
 from api.errors import V1_ERRORS, documented, not_found
 from api.jobs.dependencies import OwnedJob
 from core.storage import get_store
@@ -23,7 +23,7 @@ def artifacts(job: OwnedJob, session: SessionDep):
 @router.get("/{name}", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "partial content"},
                        304: {"description": "not modified"}, **documented(416)})
-def download(job: OwnedJob, name: str, session: SessionDep, settings: SettingsDep,
+def download(job: OwnedJob, name: PathName, session: SessionDep, settings: SettingsDep,
              range_: Annotated[str | None, Header(alias="Range")] = None,
              if_none_match: Annotated[str | None, Header()] = None):
     artifact = get_artifact(session, job.id, name)

@@ -2,12 +2,12 @@
 import asyncio
 import json
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from api.dependencies import ProjectId, SessionDep, SettingsDep, idempotency_key
+from api.dependencies import CursorQuery, NameQuery, ProjectId, SessionDep, SettingsDep, idempotency_key
 from api.errors import V1_ERRORS, APIError, documented
 from api.jobs import service
 from api.jobs.dependencies import OwnedJob
@@ -22,6 +22,7 @@ from db.session import get_sessionmaker
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_ERRORS)
 Limit = Annotated[int, Query(ge=1, le=100)]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 @router.post("", status_code=201, response_model=JobObject, responses=documented(409, 503))
@@ -49,7 +50,7 @@ def _metadata_filters(request: Request) -> dict[str, str]:
 
 @router.get("", response_model=JobList)
 def list_jobs(request: Request, project_id: ProjectId, session: SessionDep, limit: Limit = 20,
-              after: str | None = None, status: str | None = None, method: str | None = None):
+              after: CursorQuery = None, status: JobStatus | None = None, method: NameQuery = None):
     jobs, has_more = job_repo.list_jobs(session, project_id, after=after, limit=limit, status=status, method=method,
                                         metadata=_metadata_filters(request))
     return JobList(data=[JobObject.of(j) for j in jobs], has_more=has_more)
@@ -80,7 +81,7 @@ def _event_cursor(after: str | None) -> int:
 @router.get("/{job_id}/events", response_model=EventList,
             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON page, or a live SSE stream"}})
 def list_events(job: OwnedJob, request: Request, session: SessionDep, settings: SettingsDep, limit: Limit = 100,
-                after: str | None = None):
+                after: CursorQuery = None):
     cursor = _event_cursor(request.headers.get("last-event-id") or after)
     if "text/event-stream" in request.headers.get("accept", ""):
         return StreamingResponse(_stream_events(settings.database_url, job.id, cursor, request),
@@ -119,7 +120,7 @@ def _poll_events(url: str, job_id: str, cursor: int):
 
 
 @router.get("/{job_id}/metrics", response_model=MetricList)
-def get_metrics(job: OwnedJob, session: SessionDep, name: str | None = None):
+def get_metrics(job: OwnedJob, session: SessionDep, name: NameQuery = None):
     series = event_repo.metric_series(session, job.id, name)
     return MetricList(data=[MetricSeries(name=n, points=[MetricPointObject(step=s, value=v, created_at=t)
                                                          for s, v, t in points])
