@@ -5,6 +5,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("refinery.api")
@@ -31,7 +32,7 @@ def documented(*statuses: int) -> dict[int | str, dict]:
 
 
 # What every authenticated /v1 route may answer besides its success.
-V1_ERRORS = documented(400, 401, 404, 413, 422, 429)
+V1_ERRORS = documented(400, 401, 404, 413, 422, 429, 503)
 
 
 class APIError(Exception):
@@ -79,6 +80,13 @@ def install_handlers(app: FastAPI) -> None:
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(exc.status_code, code, str(exc.detail), None), exc.status_code,
                             headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(_: Request, exc: OperationalError):
+        # The database is unreachable or restarting: a retryable 503, not a 500 (the pool reconnects by itself).
+        log.warning("database unavailable: %s", exc.orig)
+        return JSONResponse(error_body(503, "database_unavailable", "The database is unavailable; retry shortly.",
+                                       None), 503, headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

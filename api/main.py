@@ -1,8 +1,11 @@
 """The FastAPI application: routers, error handlers, limits, and the sweeper thread (dispatcher + reaper)."""
 import logging
+import threading
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from sqlalchemy.exc import OperationalError
 
 from api.artifacts.router import router as artifacts_router
 from api.bootstrap import ensure_bootstrap_key
@@ -19,10 +22,21 @@ from db import sweeper
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _bootstrap_when_the_database_answers(settings) -> None:
+    """The API starts even while the database is down (readiness says 503); the bootstrap key follows when it is up."""
+    while True:
+        try:
+            ensure_bootstrap_key(settings)
+            return
+        except OperationalError as exc:
+            logging.getLogger("refinery.api").warning("bootstrap key deferred, database unavailable: %s", exc.orig)
+            time.sleep(5)
+
+
 @asynccontextmanager
 async def lifespan(_: FastAPI):
     settings = get_settings()
-    ensure_bootstrap_key(settings)
+    threading.Thread(target=_bootstrap_when_the_database_answers, args=(settings,), daemon=True).start()
     register_collector()
     stop = None
     if settings.run_sweeper:

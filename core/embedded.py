@@ -1,5 +1,7 @@
-"""`refinery serve`: the embedded default in one process tree — migrations, the bootstrap key, the API (uvicorn) and
-one Celery worker, both supervised: a child that dies is started again. Same task code as production."""
+"""`refinery serve`: the platform in one process tree — migrations, the bootstrap key, the API (uvicorn) and
+`REFINERY_WORKERS` Celery workers, all supervised: a child that dies is started again. Same task code as production.
+Embedded by default (SQLite, filesystem broker, local store); the production shape on one machine when given
+REFINERY_DATABASE_URL=postgresql://… and REFINERY_BROKER_URL=redis://…"""
 import os
 import signal
 import subprocess
@@ -72,7 +74,8 @@ def serve(settings: Settings) -> None:
     children = [
         Child("api", ["-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(settings.port),
                       "--log-level", "warning"], env, logs / "api.log"),
-        Child("worker", worker_args(settings.queue), env, logs / "worker.log"),
+        *(Child(f"worker-{i + 1}", worker_args(settings.queue), env, logs / f"worker-{i + 1}.log")
+          for i in range(max(1, settings.workers))),
     ]
     for child in children:
         child.start()

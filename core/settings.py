@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     bootstrap_project: str = "default"
     data_roots: str = ""  # os.pathsep- or comma-separated directories that file:// URIs may read
     port: int = 8000
+    workers: int = 1  # worker processes `refinery serve` starts and supervises
 
     # Budget: the server default when a spec names none, and the cap no spec may exceed.
     default_max_seconds: int = 600

@@ -162,3 +162,23 @@ def test_prometheus_metrics(platform):
     text = httpx.get(platform.base + "/metrics").text
     assert 'refinery_jobs{status="queued"}' in text or 'refinery_jobs{status="succeeded"}' in text
     assert "refinery_queue_depth" in text
+
+
+def test_database_down_is_a_503_not_a_500(tmp_path):
+    """An API whose database does not answer (nothing listens on its port) still starts, stays live, says it is not
+    ready, and answers requests that need the database with a retryable 503."""
+    import os
+
+    from tests.conftest import Platform, free_port
+    env = dict(os.environ, REFINERY_HOME=str(tmp_path), REFINERY_PORT=str(free_port()),
+               REFINERY_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{free_port()}/nothing",
+               REFINERY_RUN_SWEEPER="false", REFINERY_BOOTSTRAP_TOKEN="rfy_x")
+    api = Platform(env, tmp_path)
+    api.start_api()
+    try:
+        assert httpx.get(api.base + "/readyz", timeout=30).status_code == 503
+        r = httpx.get(api.base + "/v1/jobs", headers={"Authorization": "Bearer rfy_x"}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable"
+        assert r.headers["retry-after"]
+    finally:
+        api.stop()

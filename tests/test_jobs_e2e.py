@@ -276,3 +276,19 @@ def test_report_html_is_self_contained(platform, digits_job):
     import re
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)  # nothing fetched from elsewhere
     assert json.loads(platform.http.get(f"/v1/jobs/{digits_job['id']}/artifacts/report.json").text)
+
+
+def test_a_job_delivered_several_times_runs_once(platform):
+    from core.broker import publish
+
+    job = platform.submit({"method": "train", "dataset": {"uri": "builtin://iris"}, "params": {"epochs": 3},
+                           "budget": {"max_seconds": 60}})
+    for _ in range(3):  # duplicates from a redelivery or an over-eager dispatcher
+        publish(job["id"], QUEUE)
+    done = platform.wait(job["id"])
+    publish(job["id"], QUEUE)  # and one after it finished
+    time.sleep(2)
+    types = [e["type"] for e in platform.events(job["id"])]
+    assert done["status"] == "succeeded" and done["attempt"] == 1
+    assert types.count("job.started") == 1 and types.count("job.succeeded") == 1
+    assert platform.job(job["id"])["finished_at"] == done["finished_at"]
