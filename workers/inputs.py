@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from core.spec import DatasetRef, ModelRef
-from db.models import Job
 from db.repositories import artifacts as artifact_repo
+from db.repositories.jobs import get_job
 from db.session import transaction
 from workers.data import Dataset, fetch, load_dataset, split_validation
 from workers.errors import JobFailure
@@ -24,7 +24,7 @@ def lookup(run: JobRun, uri: str) -> str:
                 raise JobFailure("file_not_found", f"No uploaded file {uri!r} in this project; upload it with POST /v1/files.")
             return row.storage_key
         job_id, _, name = uri.removeprefix("job://").partition("/")
-        job = session.get(Job, job_id)
+        job = get_job(session, job_id)
         if job is None or job.project_id != run.project_id:
             raise JobFailure("job_not_found", f"No job {job_id!r} in this project.")
         artifact = artifact_repo.get_artifact(session, job_id, name)

@@ -19,6 +19,7 @@ from db import lifecycle
 from db.models import Artifact, Job
 from db.repositories import artifacts as artifact_repo
 from db.repositories import events as event_repo
+from db.repositories.jobs import cancel_requested
 from db.session import transaction
 
 log = logging.getLogger("refinery.worker")
@@ -111,9 +112,8 @@ class JobRun:
                         self._lease_lost.set()
                         return
                     next_renew = time.monotonic() + self.settings.heartbeat_seconds
-                with transaction(self.settings.database_url) as session:
-                    job = session.get(Job, self.job_id)
-                    if job is not None and job.cancel_requested:
+                with transaction(self.settings.database_url, readonly=True) as session:
+                    if cancel_requested(session, self.job_id):
                         self._cancelled.set()
             except Exception:
                 log.exception("heartbeat for %s failed; retrying", self.job_id)

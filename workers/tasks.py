@@ -7,8 +7,8 @@ import torch
 
 from core.settings import get_settings
 from db import lifecycle
-from db.models import Job
 from db.repositories.events import add_event, drop_metrics_after
+from db.repositories.jobs import get_job
 from db.session import transaction
 from workers.checkpoints import unpack
 from workers.errors import JobFailure
@@ -24,7 +24,7 @@ def execute(job_id: str) -> str:
     torch.set_num_threads(settings.torch_threads)
     with transaction(settings.database_url) as session:
         token = lifecycle.claim(session, job_id, worker_name(), settings.lease_seconds)
-        job = session.get(Job, job_id) if token else None
+        job = get_job(session, job_id) if token else None
     if token is None or job is None:
         log.info("job %s is not claimable (already taken, finished or cancelled); dropping the message", job_id)
         return "skipped"

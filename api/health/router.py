@@ -6,11 +6,10 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
-from sqlalchemy import text
 
 from core.broker import ping_broker
 from core.settings import get_settings
-from db.repositories.jobs import count_by_status, finished_durations
+from db.repositories.jobs import count_by_status, finished_durations, ping
 from db.repositories.outbox import queue_depth
 from db.session import get_sessionmaker
 
@@ -31,7 +30,7 @@ def readyz():
     try:
         session = get_sessionmaker(get_settings().database_url)()
         try:
-            session.execute(text("SELECT 1"))
+            ping(session)
             checks["database"] = True
         finally:
             session.close()

@@ -20,6 +20,15 @@ def get_job(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id)
 
 
+def cancel_requested(session: Session, job_id: str) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def ping(session: Session) -> None:
+    """Readiness: the database answers a trivial query."""
+    session.execute(select(1))
+
+
 def get_project_job(session: Session, project_id: str, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id, Job.project_id == project_id))
 
