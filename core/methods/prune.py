@@ -119,8 +119,8 @@ class StructuredParams(FineTuning, Sweep):
                                   "(\"Learning Efficient Convolutional Networks through Network Slimming\") or "
                                   "first-order Taylor (\"Importance Estimation for Neural Network Pruning\")")
     steps: int = Field(default=4, ge=1, le=50, description="pruning steps, each followed by fine-tuning")
-    epochs_per_step: Epochs = Field(default=1, description="fine-tuning epochs after each step but the last")
-    final_epochs: Epochs = Field(default=5, description="fine-tuning epochs after the last step (cosine-decayed lr)")
+    epochs_per_step: Epochs = Field(default=2, description="fine-tuning epochs after each step but the last")
+    final_epochs: Epochs = Field(default=8, description="fine-tuning epochs after the last step (cosine-decayed lr)")
     round_to: int | None = Field(
         default=16, ge=1, le=256, description="keep channel counts multiples of this (never below it): ONNX "
                                               "Runtime's blocked convolutions want multiples of 8 (AVX2) or 16 "
