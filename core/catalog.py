@@ -5,7 +5,7 @@ shared file); its training code lives in `workers/methods/`. Only torch-free pyd
 validates specs without importing torch."""
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict
@@ -54,7 +54,29 @@ def _discover() -> dict[str, Method]:
     return dict(sorted(found.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
-METHODS: dict[str, Method] = _discover()
+class _Catalog(Mapping[str, Method]):
+    """Discovered on first use, not at import: a method module imports this one for `Method`, so discovering during
+    that import would miss the very module being imported."""
+
+    def __init__(self) -> None:
+        self._methods: dict[str, Method] | None = None
+
+    def _all(self) -> dict[str, Method]:
+        if self._methods is None:
+            self._methods = _discover()
+        return self._methods
+
+    def __getitem__(self, name: str) -> Method:
+        return self._all()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+METHODS: Mapping[str, Method] = _Catalog()
 
 
 def find_algorithm(method: str, algorithm: str | None) -> Algorithm | None:

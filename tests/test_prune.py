@@ -318,7 +318,8 @@ def test_structured_sweep_writes_a_model_per_point_and_the_frontier(platform, da
     assert sum(row.get("chosen", False) for row in rows) == 1
     chosen = next(row for row in rows if row.get("chosen"))
     assert json.loads(artifact(platform, job, "model.json"))["params"] == chosen["params"]
-    assert len(report["curves"]["frontier_accuracy_by_flops"]) == 2
+    frontier = report["curves"]["frontier_accuracy_by_flops"]
+    assert frontier["x_label"] == "flops" and len(frontier["points"]) == 2
     for point in ("0.5", "0.2"):
         assert onnx_accuracy(artifact(platform, job, f"model-{point}.onnx"), *test_rows) >= 0.95, point
 

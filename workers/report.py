@@ -158,15 +158,19 @@ def _comparison(rows) -> str:
 
 
 def _curves(curves: dict) -> str:
-    charts = [_line_chart(name, points) for name, points in curves.items() if isinstance(points, list)]
+    """Each curve is a list of [x, y] pairs over training steps/epochs, or {"x_label": …, "points": […]} when x is
+    something else (FLOPs, sparsity on a pruning frontier)."""
+    charts = [_line_chart(name, curve) if isinstance(curve, list) else
+              _line_chart(name, curve.get("points") or [], str(curve.get("x_label") or "step"))
+              for name, curve in curves.items() if isinstance(curve, list | dict)]
     charts = [chart for chart in charts if chart]
     if not charts:
         return ""
     return _section("training curves", f'<div class="charts">{"".join(charts)}</div>')
 
 
-def _line_chart(name: str, points: list) -> str:
-    """One curve of [step, value] pairs: axes with ticks, the step on x and the value on y."""
+def _line_chart(name: str, points: list, x_label: str = "step") -> str:
+    """One curve of [x, value] pairs: axes with ticks, x_label on x and the value on y."""
     pairs = [(float(p[0]), float(p[1])) for p in points
              if isinstance(p, list | tuple) and len(p) == 2 and _is_number(p[0]) and _is_number(p[1])]
     if not pairs:
@@ -198,11 +202,11 @@ def _line_chart(name: str, points: list) -> str:
             f'aria-label="{_text(label)}"><title>{_text(label)}</title>'
             f'<text x="{left}" y="18" font-size="13" font-weight="600">{_text(label)}</text>'
             f'<text x="{width - right}" y="18" font-size="11" text-anchor="end">last {_text(_tick(values[-1]))}'
-            f' at step {_text(_tick(steps[-1]))}</text>{"".join(grid)}'
+            f' at {_text(x_label)} {_text(_tick(steps[-1]))}</text>{"".join(grid)}'
             f'<line x1="{left}" x2="{left}" y1="{top}" y2="{height - bottom}" stroke="#7b8794"/>'
             f'<line x1="{left}" x2="{width - right}" y1="{height - bottom}" y2="{height - bottom}" stroke="#7b8794"/>'
             f'{mark}<text x="{(left + width - right) / 2}" y="{height - 8}" text-anchor="middle" font-size="12">'
-            f'step</text><text transform="translate(14 {(top + height - bottom) / 2}) rotate(-90)" '
+            f'{_text(x_label)}</text><text transform="translate(14 {(top + height - bottom) / 2}) rotate(-90)" '
             f'text-anchor="middle" font-size="12">{_text(label)}</text></svg></figure>')
 
 

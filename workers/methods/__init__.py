@@ -7,13 +7,19 @@
     evaluate()            metrics on the validation data
 
 Parameters are the frozen pydantic model registered for the algorithm in core.catalog."""
+import importlib
+import logging
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
+from workers.errors import JobFailure
 from workers.runtime import JobRun
+
+log = logging.getLogger("refinery.worker")
 
 
 @dataclass
@@ -32,6 +38,7 @@ class Recipe(Protocol):
 
 
 RECIPES: dict[tuple[str, str], Callable[[], Recipe]] = {}
+BROKEN: dict[str, str] = {}  # method module name → why it failed to import
 
 
 def register(method: str, algorithm: str):
@@ -42,17 +49,22 @@ def register(method: str, algorithm: str):
 
 
 def _import_recipes() -> None:
-    """Each module under workers/methods/ registers its recipes when imported."""
-    import importlib
-    import pkgutil
-
+    """Each module under workers/methods/ registers its recipes when imported. A module that fails to import is
+    logged and skipped, so one broken method cannot take the others down; its jobs fail with the import error."""
     import workers.methods
     for info in pkgutil.iter_modules(workers.methods.__path__):
-        importlib.import_module(f"workers.methods.{info.name}")
+        try:
+            importlib.import_module(f"workers.methods.{info.name}")
+        except Exception as exc:
+            log.exception("method module %s failed to import", info.name)
+            BROKEN[info.name] = f"{type(exc).__name__}: {exc}"
 
 
 def get_recipe(method: str, algorithm: str) -> Recipe | None:
-    if not RECIPES:
+    if not RECIPES and not BROKEN:
         _import_recipes()
     factory = RECIPES.get((method, algorithm))
+    if factory is None and method in BROKEN:
+        raise JobFailure("method_unavailable", f"The {method} method failed to load on this worker "
+                         f"({BROKEN[method]}); it has been logged.", "infra_error")
     return factory() if factory else None

@@ -453,14 +453,15 @@ class PruningJob:
                 result_row = point_row
         return rows, result_row
 
-    def _curves(self, rows: list[dict]) -> dict[str, list]:
+    def _curves(self, rows: list[dict]) -> dict[str, list | dict]:
         shape_name = next(iter(self.shape_metrics))
         curves = {name: points for name, points in self.curves.items() if name != "shape"}
         curves[shape_name] = self.curves["shape"]
         if self.sweeping():
             # The frontier: x is each point's FLOPs (structured) or sparsity, y its validation accuracy.
             x_key = "flops" if self.strategy.structured else "sparsity"
-            curves[f"frontier_accuracy_by_{x_key}"] = [[row[x_key], row["accuracy"]] for row in rows[1:]]
+            curves[f"frontier_accuracy_by_{x_key}"] = {
+                "x_label": x_key, "points": [[row[x_key], row["accuracy"]] for row in rows[1:]]}
         return curves
 
 
