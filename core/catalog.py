@@ -4,6 +4,7 @@ Each method's entry lives in its own module under `core/methods/` (found by disc
 shared file); its training code lives in `workers/methods/`. Only torch-free pydantic models live here, so the API
 validates specs without importing torch."""
 import importlib
+import logging
 import pkgutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -46,7 +47,11 @@ def _discover() -> dict[str, Method]:
     import core.methods
     found: dict[str, Method] = {}
     for info in sorted(pkgutil.iter_modules(core.methods.__path__), key=lambda i: i.name):
-        module = importlib.import_module(f"core.methods.{info.name}")
+        try:
+            module = importlib.import_module(f"core.methods.{info.name}")
+        except Exception:  # one broken method must not hide the others; its name is simply not offered
+            logging.getLogger("refinery").exception("method catalog module %s failed to import", info.name)
+            continue
         method = getattr(module, "METHOD", None)
         if isinstance(method, Method):
             found[method.name] = method
