@@ -41,14 +41,14 @@ class RetrainParams(Params):
 
 class FinetuneParams(Params):
     epochs: int = Field(default=5, ge=1, le=1000, description="epochs over the retain set")
-    lr: float = Field(default=1e-3, gt=0, le=10)
+    lr: float = Field(default=1e-4, gt=0, le=10)
     batch_size: BatchSize = "auto"
 
 
 class NegGradPlusParams(Params):
     epochs: int = Field(default=5, ge=1, le=1000, description="epochs over the retain set, each paired with forget "
                                                               "batches")
-    lr: float = Field(default=1e-3, gt=0, le=10)
+    lr: float = Field(default=1e-4, gt=0, le=10)
     batch_size: BatchSize = "auto"
     alpha: float = Field(default=0.95, gt=0, lt=1, description="loss = alpha·CE(retain) − (1 − alpha)·CE(forget)")
 
@@ -67,8 +67,8 @@ class ScrubParams(Params):
 class DmmParams(Params):
     epochs: int = Field(default=10, ge=1, le=1000, description="epochs of output matching")
     lr: float = Field(default=1e-3, gt=0, le=10)
-    batch_size: BatchSize = "auto"
-    retain_multiple: int = Field(default=4, ge=0, le=100, description="retain rows matched per forget row")
+    batch_size: BatchSize = 64
+    retain_multiple: int = Field(default=2, ge=0, le=100, description="retain rows matched per forget row")
     attribution_models: int = Field(default=96, ge=8, le=1024, description="models trained on random subsets to fit "
                                     "the datamodel; computed once per trained model and reused")
 
@@ -78,7 +78,7 @@ class OracleMatchingParams(Params):
                                                                       "mean outputs are matched")
     epochs: int = Field(default=10, ge=1, le=1000, description="epochs of output matching")
     lr: float = Field(default=1e-3, gt=0, le=10)
-    batch_size: BatchSize = "auto"
+    batch_size: BatchSize = 64
     retain_multiple: int = Field(default=4, ge=0, le=100, description="retain rows matched per forget row")
 
 

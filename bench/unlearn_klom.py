@@ -1,0 +1,141 @@
+"""Unlearning quality and cost on digits (MLP 64-128-10, the train recipe's defaults), every algorithm side by side:
+KLoM95 on forget / retain / test beside the oracle-vs-oracle floor and the do-nothing original at K = 32 and K = 100,
+and, from the same K runs, forget / retain / test accuracy, loss-threshold MIA AUC and the cost of unlearning against
+a retrain (mean single-thread seconds of the unlearning loop / of an oracle's training, both timed in the same helper
+processes). Runs the workers' own code in process, not through the API.
+
+    .venv/bin/python bench/unlearn_klom.py                 # K=32 and K=100, random 10% and class 3: ~15-30 min
+    .venv/bin/python bench/unlearn_klom.py --k 32 --scenario random
+
+Writes bench/results/unlearn_klom.json (or --out NAME under bench/results/)."""
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from core.methods.train import TrainParams  # noqa: E402
+from workers.data.dataset import make_dataset  # noqa: E402
+from workers.unlearning import datamodel  # noqa: E402
+from workers.unlearning.algorithms import MATCHING, PARAMS, match_rows  # noqa: E402
+from workers.unlearning.attribution import fit_attribution  # noqa: E402
+from workers.unlearning.ensemble import Shared  # noqa: E402
+from workers.unlearning.fitting import Recipe  # noqa: E402
+from workers.unlearning.oracles import evaluate_with_oracles, matching_targets  # noqa: E402
+
+ALGORITHMS = ["retrain", "finetune", "neggrad_plus", "scrub", "dmm", "oracle_matching"]
+FORGET_CLASS = 3
+SEED = 0
+RESULTS = ROOT / "bench" / "results"
+
+
+def digits():
+    """The split the tests use: 400 held-out rows, the rest for training."""
+    from sklearn.datasets import load_digits
+    raw = load_digits()
+    x, y = (raw.images[:, None] / 16.0).astype(np.float32), raw.target.astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(y))
+    test, train = order[:400], order[400:]
+    train_set = make_dataset(x[train], y[train], uri="builtin://digits#train", classes=None)
+    return train_set, make_dataset(x[test], y[test], uri="builtin://digits#test", classes=train_set.classes)
+
+
+def forget_mask(train, scenario: str) -> tuple[np.ndarray, int | None]:
+    if scenario == "class":
+        return train.y == FORGET_CLASS, FORGET_CLASS
+    mask = np.zeros(len(train), dtype=bool)
+    mask[np.random.default_rng(1).choice(len(train), len(train) // 10, replace=False)] = True  # as the tests
+    return mask, None
+
+
+def with_targets(shared: Shared, algorithm: str, params, attribution: np.ndarray | None) -> Shared:
+    """The Shared a job would build for `algorithm`: matching rows and their targets for dmm / oracle_matching."""
+    if algorithm not in MATCHING:
+        return shared
+    match = match_rows(shared.forget, params.retain_multiple, SEED)
+    if algorithm == "dmm":
+        shift = datamodel.predicted_shift(attribution, shared.train.y, shared.forget, len(shared.train.classes))
+        return replace(shared, match=match, match_shift=shift[match])
+    targets = matching_targets(replace(shared, match=match), params.oracles, SEED, lambda done: None)
+    return replace(shared, match=match, match_targets=targets)
+
+
+def run(k_values: list[int], scenarios: list[str], algorithms: list[str], attribution_models: int,
+        out: Path) -> dict:
+    train, test = digits()
+    recipe = Recipe("mlp", {"hidden": [128]}, TrainParams())
+    deadline = time.time() + 24 * 3600
+    base = Shared(train, test, np.zeros(len(train), dtype=bool), recipe, deadline)
+    started = time.perf_counter()
+    attribution, attribution_seconds = (fit_attribution(base, attribution_models, lambda done: None)
+                                        if "dmm" in algorithms else (None, 0.0))
+    print(f"datamodel: {attribution_models} subset models in {attribution_seconds:.1f} s (once per trained model)",
+          flush=True)
+    results = {"setting": {"data": "sklearn digits, 1397 train / 400 test rows", "model": "mlp hidden [128]",
+                           "recipe": recipe.params.model_dump(mode="json"), "forget_class": FORGET_CLASS,
+                           "random_forget": "10% of training rows, numpy default_rng(1)",
+                           "attribution_models": attribution_models,
+                           "attribution_seconds": round(attribution_seconds, 1)},
+               "runs": []}
+    for scenario in scenarios:
+        forget, forget_class = forget_mask(train, scenario)
+        for k in k_values:
+            for algorithm in algorithms:
+                params = PARAMS[algorithm]()
+                shared = replace(base, forget=forget, algorithm=algorithm, params=params.model_dump(mode="json"))
+                t0 = time.perf_counter()
+                shared = with_targets(shared, algorithm, params, attribution)
+                report = evaluate_with_oracles(shared, k, SEED, forget_class, lambda done: None)
+                models = report["models"]
+                row = {"scenario": scenario, "k": k, "algorithm": algorithm, "bins": report["estimator"]["bins"],
+                       "klom95": report["klom95"], "unlearned": models["unlearned"], "original": models["original"],
+                       "oracle": models["oracle"],
+                       "cost_ratio": round(models["unlearned"]["seconds"] / models["oracle"]["seconds"], 3),
+                       "bench_seconds": round(time.perf_counter() - t0, 1)}
+                results["runs"].append(row)
+                print_row(row)
+                out.write_text(json.dumps(results, indent=1))
+    results["total_seconds"] = round(time.perf_counter() - started, 1)
+    out.write_text(json.dumps(results, indent=1))
+    return results
+
+
+HEADER = (f"{'scenario':8} {'K':>4} {'algorithm':16} {'KLoM95 forget':>20} {'retain':>20} {'test':>20} "
+          f"{'acc F/R/T':>20} {'MIA':>6} {'cost':>6}")
+
+
+def print_row(row: dict) -> None:
+    def cell(name: str) -> str:
+        entry = row["klom95"][name]
+        return f"{entry['unlearned']:.2f} ({entry['floor']:.2f}|{entry['original']:.2f})"
+
+    u = row["unlearned"]
+    accuracy = f"{u['forget_accuracy']:.3f}/{u['retain_accuracy']:.3f}/{u['test_accuracy']:.3f}"
+    print(f"{row['scenario']:8} {row['k']:>4} {row['algorithm']:16} {cell('forget'):>20} {cell('retain'):>20} "
+          f"{cell('test'):>20} {accuracy:>20} {u['mia_auc']:>6.3f} {row['cost_ratio']:>6.2f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--k", type=int, nargs="+", default=[32, 100])
+    parser.add_argument("--scenario", choices=["random", "class"], nargs="+", default=["random", "class"])
+    parser.add_argument("--algorithm", choices=ALGORITHMS, nargs="+", default=ALGORITHMS)
+    parser.add_argument("--attribution-models", type=int, default=PARAMS["dmm"]().attribution_models)
+    parser.add_argument("--out", default="unlearn_klom.json", help="file name under bench/results/")
+    args = parser.parse_args()
+    print("KLoM95 cells: unlearned (oracle-vs-oracle floor | do-nothing original); cost = unlearning seconds / "
+          "retrain seconds, single thread\n" + HEADER, flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    run(args.k, args.scenario, args.algorithm, args.attribution_models, RESULTS / Path(args.out).name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""`unlearn/*`: remove a forget set's influence from a trained model — retrain, finetune, neggrad_plus, scrub, dmm,
+oracle_matching — then report forget / retain / test accuracy, membership inference, cost against a retrain, the
+forget set's audit trail and, with `evaluate.oracles: K`, KLoM against K retrained oracles beside its floor."""
+import copy
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from workers.checkpoints import pack
+from workers.errors import JobFailure
+from workers.evaluation import predict_logits
+from workers.inputs import resolve_model
+from workers.methods import Outcome, register
+from workers.models import default_arch
+from workers.outputs import publish_model
+from workers.runtime import JobRun, Stop
+from workers.training import pick_device
+from workers.unlearning import datamodel
+from workers.unlearning.algorithms import MATCHING, PARAMS, build_loop, make_rows, match_rows, retrain_params
+from workers.unlearning.attribution import Attribution, get_attribution
+from workers.unlearning.ensemble import Shared
+from workers.unlearning.fitting import Fitting, fresh_model
+from workers.unlearning.forget_set import load_unlearning_data
+from workers.unlearning.oracles import evaluate_with_oracles, matching_targets, model_scores
+from workers.unlearning.origin import find_origin
+
+# Epochs of a from-scratch run timed to estimate a retrain's wall time (the estimate is per-epoch × epochs).
+PROBE_EPOCHS = 2
+SCORE_NAMES = ("forget_accuracy", "retain_accuracy", "test_accuracy", "test_accuracy_forget_class",
+               "test_accuracy_other_classes", "mia_auc")
+
+
+class Unlearning:
+    """One recipe for every unlearning algorithm: the algorithms differ only in the loop `build_loop` returns and,
+    for dmm and oracle_matching, in the target logits prepared before it."""
+
+    def __init__(self, algorithm: str):
+        self.algorithm = algorithm
+
+    # --- protocol ----------------------------------------------------------------------------------------------
+    def setup(self, run: JobRun) -> None:
+        self.p = PARAMS[self.algorithm].model_validate(run.params)
+        torch.manual_seed(run.spec.seed)
+        self.device = pick_device(run.settings.device)
+        self.origin = find_origin(run)
+        self.data = d = load_unlearning_data(run, self.origin)
+        run.event("data.loaded", f"Loaded {len(d.train)} training rows ({len(d.train) - int(d.forget.sum())} to "
+                  f"retain) and {len(d.test)} test rows ({d.test_source}).", train_rows=len(d.train),
+                  retain_rows=len(d.train) - int(d.forget.sum()), test_rows=len(d.test), test_source=d.test_source)
+        model, self.model_info = resolve_model(run, run.spec.model, d.train, default_arch(d.train.kind))
+        self.original = copy.deepcopy(model).cpu().eval()
+        self.model = model.to(self.device)
+        self.recipe = self.origin.recipe(self.model_info)
+        self.rows = make_rows(d.train, d.forget, d.test, self.device)
+        audit = d.audit
+        run.event("forget.resolved", f"Forget set: {audit['size']} training rows named by {audit['named_by']}, "
+                  f"sha256 {audit['sha256'][:16]}…", **{k: v for k, v in audit.items() if k != "hash_recipe"})
+        self.shared = Shared(d.train, d.test, d.forget, self.recipe, deadline=0.0, algorithm=self.algorithm,
+                             params=self.p.model_dump(mode="json"))
+        self.epoch, self.step, self.curves = 0, 0, {}
+        self.resume: tuple[dict, dict] | None = None
+        self.loop = None
+        self.prepared: dict[str, Any] = {}
+
+    def load_checkpoint(self, groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
+        # The loop is built in run(), once dmm's or oracle_matching's targets exist; the state waits until then.
+        self.resume = (groups, meta)
+
+    def save_checkpoint(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        groups, meta = self.loop.state()
+        return groups, {**meta, "epoch": self.epoch, "step": self.step, "metric_step": self.epoch,
+                        "curves": self.curves}
+
+    def evaluate(self) -> dict[str, float]:
+        logits = predict_logits(self.loop.model if self.loop is not None else self.model, self.rows.val_x)
+        return {"test_loss": F.cross_entropy(logits, self.rows.val_y).item(),
+                "test_accuracy": (logits.argmax(1) == self.rows.val_y).float().mean().item()}
+
+    def run(self, run: JobRun) -> Outcome:
+        if self.algorithm in MATCHING:
+            self._prepare_targets(run)
+        self.loop = build_loop(self.algorithm, self.p, self.model, self.recipe, self.rows, run.spec.seed)
+        if self.resume is not None:
+            groups, meta = self.resume
+            self.loop.load_state(groups, meta)
+            self.epoch, self.step, self.curves = meta["epoch"], meta["step"], meta["curves"]
+        self.seconds = 0.0
+        stopped_by = self._unlearn(run)
+        self.model = self.loop.result().cpu().eval()
+        cost = self._cost(run, self.seconds)
+        scores = {"original": self._scores(self.original), "unlearned": self._scores(self.model)}
+        evaluation, stopped_by = self._klom(run, stopped_by)
+        data = self.data
+        sections = {"comparison": self._comparison(scores, evaluation), "unlearning": self._summary(),
+                    "forget_set": data.audit, "cost": cost, **self.prepared,
+                    "origin": {"train_job": self.origin.train_job, "note": self.origin.note}}
+        if evaluation is not None:
+            sections.update(self._klom_sections(evaluation, cost))
+        test_x, test_y = self.rows.val_x.cpu(), self.rows.val_y.cpu()
+        result = publish_model(run, self.model, self.model_info, data.retain_set, data.test, test_x, test_y,
+                               curves=self.curves, stopped_by=stopped_by, sections=sections)
+        headline = {key: scores["unlearned"][key] for key in SCORE_NAMES if key in scores["unlearned"]}
+        headline.update(forget_set_size=data.audit["size"], forget_set_sha256=data.audit["sha256"],
+                        cost_ratio=cost.get("ratio"))
+        if evaluation is not None and "table" in evaluation:
+            headline["klom95"] = {row["rows"]: {"unlearned": row["unlearned"], "floor": row["floor"]}
+                                  for row in evaluation["table"]}
+        return Outcome(stopped_by=stopped_by, metrics={**result, **headline})
+
+    # --- phases ------------------------------------------------------------------------------------------------
+    def _prepare_targets(self, run: JobRun) -> None:
+        """The matching algorithms' target logits on the forget rows and a sample of retain rows."""
+        d, p = self.data, self.p
+        match = match_rows(d.forget, p.retain_multiple, run.spec.seed)
+        shared = replace(self._for_helpers(run), match=match)
+        try:
+            if self.algorithm == "dmm":
+                attribution = self._attribution(run, shared, p.attribution_models)
+                shift = datamodel.predicted_shift(attribution.coefficients, d.train.y, d.forget, len(d.train.classes))
+                shift = shift[match]
+                targets = predict_logits(self.original, torch.from_numpy(d.train.x[match]).float()).numpy() + shift
+                self.shared = replace(self.shared, match=match, match_shift=shift)
+            else:
+                run.event("oracles.started", f"Retraining {p.oracles} oracles on the retain set; oracle_matching "
+                          "matches their mean outputs.", oracles=p.oracles)
+                started = time.perf_counter()
+                targets = matching_targets(shared, p.oracles, run.spec.seed, self._watch(run, "matching oracles",
+                                                                                         p.oracles))
+                self.prepared["matching_oracles"] = {"oracles": p.oracles,
+                                                     "seconds": round(time.perf_counter() - started, 2)}
+                self.shared = replace(self.shared, match=match, match_targets=targets)
+        except Stop as stop:
+            self._budget_failure(stop, "preparing the matching targets")
+        self.rows = make_rows(d.train, d.forget, d.test, self.device, match, targets)
+
+    def _attribution(self, run: JobRun, shared: Shared, models: int) -> Attribution:
+        run.event("attribution.lookup", f"Looking for this model's datamodel ({models} subset models) in the project.")
+        attribution = get_attribution(run, self.original, shared, models, self._watch(run, "attribution", models))
+        how = (f"reused from job {attribution.source_job}" if attribution.reused
+               else f"fitted on {models} subset models in {attribution.seconds:.1f} s and stored")
+        run.event("attribution.ready", f"Datamodel {attribution.artifact} {how}.", reused=attribution.reused,
+                  artifact=attribution.artifact, fitted_by=attribution.source_job)
+        self.prepared["attribution"] = {"artifact": attribution.artifact, "key": attribution.key,
+                                        "reused": attribution.reused, "fitted_by": attribution.source_job,
+                                        "subset_models": models, "one_time_seconds": round(attribution.seconds, 2)}
+        return attribution
+
+    def _unlearn(self, run: JobRun) -> str:
+        loop = self.loop
+        run.event("unlearn.started", f"{self.algorithm}: starting at epoch {self.epoch + 1}.", epoch=self.epoch)
+        try:
+            while not loop.done(self.epoch):
+                # Only the loop's own compute counts as cost; the ledger writes below do not.
+                started = time.perf_counter()
+                values, self.step = loop.run_epoch(run, self.epoch, self.step)
+                self.seconds += time.perf_counter() - started
+                self.epoch += 1
+                values.update(self.evaluate())
+                for name, value in values.items():
+                    self.curves.setdefault(name, []).append([self.epoch, value])
+                run.metrics(self.epoch, values)
+                run.progress(self.epoch, loop.epochs, phase="unlearning")
+                if run.checkpoint_due():
+                    groups, meta = self.save_checkpoint()
+                    run.save_checkpoint(pack(groups), meta)
+        except Stop as stop:
+            if stop.reason == "cancelled" or self.algorithm != "retrain" or self.epoch == 0:
+                self._budget_failure(stop, "unlearning")
+            run.event("budget.exhausted", f"Budget reached after {self.epoch} retrain epochs; keeping the best model "
+                      "(it never saw the forget set).", level="warning")
+            return "budget"
+        run.event("unlearn.finished", f"{self.algorithm}: {self.epoch} epochs, {self.step} steps.",
+                  epochs=self.epoch, steps=self.step)
+        return "completed"
+
+    def _budget_failure(self, stop: Stop, phase: str) -> None:
+        if stop.reason == "cancelled":
+            raise stop
+        # A partly unlearned model still carries the forget set: publishing it would look like a finished deletion.
+        why = ("a retrain needs at least one epoch" if self.algorithm == "retrain"
+               else "a partly unlearned model still carries the forget set")
+        raise JobFailure("budget_exhausted", f"The budget ran out while {phase} (after {self.epoch} epochs); no model "
+                         f"is published because {why}. Raise budget.max_seconds.")
+
+    def _cost(self, run: JobRun, seconds: float) -> dict[str, Any]:
+        """Wall time of the unlearning loop against a retrain's: measured when this is the retrain, else estimated
+        from PROBE_EPOCHS timed epochs of a from-scratch model on the retain set."""
+        params = self.recipe.params if self.algorithm != "retrain" else retrain_params(self.recipe, self.p)
+        epochs = params.epochs if params.epochs != "auto" else self.origin.epochs_run
+        cost: dict[str, Any] = {"unlearn_seconds": round(seconds, 3)}
+        if self.algorithm == "retrain":
+            cost.update(retrain_seconds=round(seconds, 3), ratio=1.0, retrain_source="measured: this job")
+            return cost
+        if epochs is None:
+            cost.update(ratio=None, retrain_source="unknown: the original recipe ran epochs \"auto\" and its report "
+                                                   "gives no epoch count")
+            return cost
+        try:
+            per_epoch = self._probe_epoch_seconds(run, params)
+        except Stop as stop:
+            if stop.reason == "cancelled":
+                raise
+            cost.update(ratio=None, retrain_source="unknown: the budget ran out before the retrain estimate")
+            return cost
+        estimate = per_epoch * epochs
+        cost.update(retrain_estimate_seconds=round(estimate, 3), ratio=round(seconds / estimate, 4),
+                    retrain_source=f"estimated: {PROBE_EPOCHS} timed epochs on the retain set × {epochs} epochs")
+        if "attribution" in self.prepared:
+            cost["one_time_attribution_seconds"] = self.prepared["attribution"]["one_time_seconds"]
+        if "matching_oracles" in self.prepared:
+            cost["matching_oracles_seconds"] = self.prepared["matching_oracles"]["seconds"]
+        return cost
+
+    def _probe_epoch_seconds(self, run: JobRun, params) -> float:
+        retain = self.data.retain_set
+        model = fresh_model(self.recipe, retain, run.spec.seed).to(self.device)
+        probe = Fitting(model, params, self.rows.retain_x, self.rows.retain_y, self.rows.val_x, self.rows.val_y,
+                        run.spec.seed)
+        times = []
+        for epoch in range(PROBE_EPOCHS):
+            started = time.perf_counter()
+            probe.run_epoch(run, epoch, 0)
+            times.append(time.perf_counter() - started)
+        return min(times)  # the quieter epoch: timing noise from other processes only ever adds time
+
+    def _klom(self, run: JobRun, stopped_by: str) -> tuple[dict | None, str]:
+        k = (run.spec.evaluate or {}).get("oracles")
+        if not k:
+            return None, stopped_by
+        run.event("evaluation.started", f"Training {k} originals (each then unlearned) and {2 * k} oracles for KLoM.",
+                  oracles=k)
+        try:
+            report = evaluate_with_oracles(self._for_helpers(run), k, run.spec.seed, self.data.forget_class,
+                                           self._watch(run, "evaluation", 3 * k))
+        except Stop as stop:
+            if stop.reason == "cancelled":
+                raise
+            run.event("evaluation.skipped", "The budget ran out before the KLoM oracles finished; the model is "
+                      "published without KLoM. Raise budget.max_seconds or lower evaluate.oracles.", level="warning")
+            return {"k": k, "skipped": "budget ran out"}, "budget"
+        table = [{"rows": name, **values} for name, values in report.pop("klom95").items()]
+        run.event("evaluation.finished", "KLoM95 (unlearned / floor): " + ", ".join(
+            f"{row['rows']} {row['unlearned']} / {row['floor']}" for row in table), table=table)
+        return {"table": table, **report}, stopped_by
+
+    @staticmethod
+    def _klom_sections(evaluation: dict, cost: dict) -> dict[str, Any]:
+        """`klom`: one row per group of rows (a table on the page); `klom_estimator`: how to read it; the K runs'
+        single-thread timings join `cost`."""
+        about = {"k": evaluation["k"], "unlearned": f"KLoM95 of {evaluation['k']} unlearned models (the original "
+                 "recipe, new seeds, each unlearned) against K oracles retrained on the retain set",
+                 "floor": "K other oracles against the same K: what a perfect unlearner scores at this K",
+                 "original": "the K models before unlearning: what doing nothing scores"}
+        if "skipped" in evaluation:
+            return {"klom_estimator": {**about, "skipped": evaluation["skipped"]}}
+        models = evaluation["models"]
+        unlearn_seconds, retrain_seconds = models["unlearned"].get("seconds"), models["oracle"]["seconds"]
+        if unlearn_seconds is not None:
+            cost["k_runs"] = {"unlearn_seconds": unlearn_seconds, "retrain_seconds": retrain_seconds,
+                              "ratio": round(unlearn_seconds / retrain_seconds, 4),
+                              "note": "means over the K runs, each on one thread in the same helper processes"}
+        return {"klom": evaluation["table"], "klom_estimator": {**about, **evaluation["estimator"]}}
+
+    # --- helpers -----------------------------------------------------------------------------------------------
+    def _for_helpers(self, run: JobRun) -> Shared:
+        """The shared inputs of helper processes, with the job's own deadline (keeping the time to publish)."""
+        return replace(self.shared, deadline=time.time() + run.remaining_seconds() - run.finish_reserve())
+
+    @staticmethod
+    def _watch(run: JobRun, phase: str, total: int):
+        def watch(done: int) -> None:
+            run.check()
+            run.progress(done, total, phase=phase)
+        return watch
+
+    def _scores(self, model: torch.nn.Module) -> dict[str, float | None]:
+        d = self.data
+        train_logits = predict_logits(model, torch.from_numpy(d.train.x).float()).numpy()
+        test_logits = predict_logits(model, torch.from_numpy(d.test.x).float()).numpy()
+        return model_scores(self.shared, train_logits, test_logits, d.forget_class)
+
+    def _comparison(self, scores: dict, evaluation: dict | None) -> list[dict[str, Any]]:
+        rows = [{"name": "original model", **_scored(scores["original"])},
+                {"name": f"unlearned ({self.algorithm})", **_scored(scores["unlearned"])}]
+        if evaluation is not None and "models" in evaluation:
+            k, models = evaluation["k"], evaluation["models"]
+            rows.append({"name": f"{self.algorithm}, mean of {k} re-trained originals", **_scored(models["unlearned"])})
+            rows.append({"name": f"retrained oracles, mean of {k}", **_scored(models["oracle"])})
+        return rows
+
+    def _summary(self) -> dict[str, Any]:
+        d = self.data
+        return {"algorithm": self.algorithm, "params": self.p.model_dump(mode="json"), "epochs_run": self.epoch,
+                "steps": self.step, "training_rows": len(d.train), "forget_rows": int(d.forget.sum()),
+                "retain_rows": int((~d.forget).sum()), "test_rows": len(d.test), "test_rows_from": d.test_source,
+                "forget_class": d.forget_class}
+
+
+def _scored(scores: dict) -> dict:
+    return {key: scores[key] for key in SCORE_NAMES if scores.get(key) is not None}
+
+
+def _register(algorithm: str) -> None:
+    register("unlearn", algorithm)(lambda: Unlearning(algorithm))
+
+
+for _algorithm in PARAMS:
+    _register(_algorithm)
+

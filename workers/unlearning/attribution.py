@@ -1,0 +1,102 @@
+"""dmm's attribution as a service: the datamodel is fitted once per trained model (and its training data) and stored
+as an artifact of the job that fitted it, `attribution-<key>.safetensors`, where key hashes the model's weights, the
+training rows and the number of subset models. Later dmm jobs in the same project find it by that name in the ledger
+and only fine-tune: each deletion request after the first is cheap."""
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from sqlalchemy import select
+
+from db.models import Artifact, Job
+from db.session import transaction
+from workers.data import Dataset
+from workers.runtime import JobRun
+from workers.unlearning import datamodel
+from workers.unlearning.ensemble import Order, Shared, train_many
+from workers.unlearning.oracles import seed_for
+
+FORMAT = "refinery-datamodel-1"
+
+
+@dataclass
+class Attribution:
+    coefficients: np.ndarray  # [N, 4, C], see datamodel.fit
+    key: str
+    artifact: str  # its name
+    source_job: str  # the job that fitted it
+    seconds: float  # what fitting it cost, once
+    models: int
+    reused: bool
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """A hash of the weights themselves (names, dtypes, shapes, bytes), whatever file they were read from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def data_sha256(train: Dataset) -> str:
+    return hashlib.sha256(np.ascontiguousarray(train.x, dtype=np.float32).tobytes()
+                          + train.y.astype("<i8").tobytes()).hexdigest()
+
+
+def attribution_key(model_sha: str, train_sha: str, models: int) -> str:
+    return hashlib.sha256(f"{FORMAT}:{model_sha}:{train_sha}:{models}".encode()).hexdigest()[:24]
+
+
+def get_attribution(run: JobRun, model: torch.nn.Module, shared: Shared, models: int,
+                    watch: Callable[[int], None]) -> Attribution:
+    """The cached datamodel for this model and data, or a new one (then stored for the next request)."""
+    key = attribution_key(weights_sha256(model), data_sha256(shared.train), models)
+    name = f"attribution-{key}.safetensors"
+    found = _find(run, name)
+    if found is not None:
+        job_id, storage_key = found
+        path = run.workdir / name
+        run.store.copy_to(storage_key, str(path))
+        with safe_open(str(path), framework="np") as stored:
+            meta = stored.metadata()
+            coefficients = stored.get_tensor("coefficients")
+        if meta.get("key") == key and coefficients.shape[0] == len(shared.train):
+            return Attribution(coefficients, key, name, job_id, float(meta.get("seconds", 0)), models, True)
+    coefficients, seconds = fit_attribution(shared, models, watch)
+    _store(run, run.workdir / name, coefficients, key, models, seconds)
+    return Attribution(coefficients, key, name, run.job_id, seconds, models, False)
+
+
+def fit_attribution(shared: Shared, models: int, watch: Callable[[int], None]) -> tuple[np.ndarray, float]:
+    """Train `models` subset models in helper processes and fit the datamodel; returns (coefficients, seconds)."""
+    started = time.perf_counter()
+    masks = datamodel.subset_masks(shared.train.y, models, seed=0)
+    orders = [Order("subset", seed_for("subset", 0, m), masks[m]) for m in range(models)]
+    trained = train_many(orders, replace(shared, algorithm=None), watch)
+    coefficients = datamodel.fit(masks, shared.train.y, np.stack([t.train_logits for t in trained]),
+                                 len(shared.train.classes))
+    return coefficients, time.perf_counter() - started
+
+
+def _find(run: JobRun, name: str) -> tuple[str, str] | None:
+    """(job id, storage key) of the newest artifact with this name in the caller's project, whatever the job's
+    status: the artifact is written only once complete, so a job that failed later still leaves a good one."""
+    with transaction(run.settings.database_url, readonly=True) as session:
+        row = session.execute(select(Artifact.job_id, Artifact.storage_key).join(Job, Job.id == Artifact.job_id)
+                              .where(Job.project_id == run.project_id, Artifact.name == name)
+                              .order_by(Artifact.created_at.desc()).limit(1)).first()
+    return (row[0], row[1]) if row else None
+
+
+def _store(run: JobRun, path: Path, coefficients: np.ndarray, key: str, models: int, seconds: float) -> None:
+    save_file({"coefficients": torch.from_numpy(np.ascontiguousarray(coefficients))}, str(path),
+              metadata={"format": FORMAT, "key": key, "models": str(models), "seconds": f"{seconds:.3f}",
+                        "fitted_by": run.job_id, "features": "size,own_class_absent,logit_class_absent,row_kept"})
+    run.add_artifact(path)
