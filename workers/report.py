@@ -21,7 +21,10 @@ ACCENT = "#2563eb"
 # How a person names what a key holds, where the key itself reads badly.
 LABELS = {"flops": "FLOPs", "onnx_bytes": "ONNX size", "safetensors_bytes": "Safetensors size", "latency_ms": "Latency",
           "torch_cpu_b1": "torch, batch 1", "onnxruntime_b1": "ONNX Runtime, batch 1",
-          "onnxruntime_b64": "ONNX Runtime, batch 64"}
+          "onnxruntime_b64": "ONNX Runtime, batch 64", "mia_auc": "MIA AUC", "klom": "KLoM95 vs oracles",
+          "klom_estimator": "KLoM estimator"}
+# Columns that are scores, not costs: a ratio to the first row means nothing for them.
+NOT_COSTS = ("accuracy", "recall", "auc", "agreement", "sparsity")
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0;background:#f6f7f9;
@@ -147,7 +150,8 @@ def _comparison(rows) -> str:
             value = row.get(column)
             text = _metric(column, value) if value is not None else ""
             baseline = rows[0].get(column)
-            if row is not rows[0] and column != "accuracy" and _is_number(value) and _is_number(baseline) and baseline:
+            is_cost = not any(word in column for word in NOT_COSTS)
+            if row is not rows[0] and is_cost and _is_number(value) and _is_number(baseline) and baseline:
                 text += f" (×{value / baseline:.2f})"
             cells.append(f'<td class="{"num" if _is_number(value) else ""}">{_text(text)}</td>')
         body.append(f"<tr>{''.join(cells)}</tr>")

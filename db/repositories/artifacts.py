@@ -30,6 +30,13 @@ def get_project_artifact(session: Session, project_id: str, job_id: str, name: s
                           .where(Job.project_id == project_id, Artifact.job_id == job_id, Artifact.name == name))
 
 
+def newest_project_artifact(session: Session, project_id: str, name: str) -> Artifact | None:
+    """The newest artifact with this name in the project, whatever its job's status (e.g. a cached attribution)."""
+    return session.scalar(select(Artifact).join(Job, Job.id == Artifact.job_id)
+                          .where(Job.project_id == project_id, Artifact.name == name)
+                          .order_by(Artifact.created_at.desc()).limit(1))
+
+
 def add_file(session: Session, file: File) -> File:
     session.add(file)
     session.flush()

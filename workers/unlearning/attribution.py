@@ -12,9 +12,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from sqlalchemy import select
 
-from db.models import Artifact, Job
+from db.repositories.artifacts import newest_project_artifact
 from db.session import transaction
 from workers.data import Dataset
 from workers.runtime import JobRun
@@ -89,10 +88,8 @@ def _find(run: JobRun, name: str) -> tuple[str, str] | None:
     """(job id, storage key) of the newest artifact with this name in the caller's project, whatever the job's
     status: the artifact is written only once complete, so a job that failed later still leaves a good one."""
     with transaction(run.settings.database_url, readonly=True) as session:
-        row = session.execute(select(Artifact.job_id, Artifact.storage_key).join(Job, Job.id == Artifact.job_id)
-                              .where(Job.project_id == run.project_id, Artifact.name == name)
-                              .order_by(Artifact.created_at.desc()).limit(1)).first()
-    return (row[0], row[1]) if row else None
+        row = newest_project_artifact(session, run.project_id, name)
+        return (row.job_id, row.storage_key) if row else None
 
 
 def _store(run: JobRun, path: Path, coefficients: np.ndarray, key: str, models: int, seconds: float) -> None:
