@@ -216,7 +216,7 @@ def test_baselines_run_and_report(platform, trained, digits, forget_rows, algori
     assert report["cost"]["ratio"] > 0 and "retrain_estimate_seconds" in report["cost"]
     assert report["forget_set"]["sha256"] == forget_sha256(digits, forget_rows)
     html = platform.http.get(f"/v1/jobs/{job['id']}/artifacts/report.html").text
-    assert "Forget accuracy" in html and "Mia auc" in html and report["forget_set"]["sha256"] in html
+    assert "Forget accuracy" in html and "MIA AUC" in html and report["forget_set"]["sha256"] in html
 
 
 def test_forget_set_by_uri_is_the_same_deletion(platform, trained, digits, forget_rows):

@@ -14,8 +14,9 @@ from workers.runtime import JobRun
 
 def publish_model(run: JobRun, model: Classifier, model_info: dict[str, Any], train: Dataset, val: Dataset,
                   val_x: torch.Tensor, val_y: torch.Tensor, *, curves: dict[str, list], stopped_by: str,
-                  sections: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate, export, measure and report; returns the job's result metrics."""
+                  sections: dict[str, Any] | None = None, headline: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate, export, measure and report; returns the job's result metrics. `headline` adds a method's own
+    numbers (e.g. forget/retain/test accuracy) to the summary cards at the top of the report."""
     out = run.workdir / "out"
     out.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu").eval()
@@ -29,7 +30,8 @@ def publish_model(run: JobRun, model: Classifier, model_info: dict[str, Any], tr
     export_onnx(model, input_shape, onnx_path)
     measured = measure(model, input_shape, onnx_path, weights_path)
     summary = {"accuracy": round(evaluation["accuracy"], 5), "loss": round(evaluation["loss"], 5),
-               "params": measured["params"], "flops": measured["flops"]}
+               "params": measured["params"], "flops": measured["flops"],
+               **{k: v for k, v in (headline or {}).items() if isinstance(v, int | float)}}
     report = {
         "job": {"id": run.job_id, "method": run.spec.method, "algorithm": run.spec.algorithm or "",
                 "attempt": run.attempt, "created_at": run.created_at},

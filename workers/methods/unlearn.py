@@ -99,12 +99,12 @@ class Unlearning:
                     "origin": {"train_job": self.origin.train_job, "note": self.origin.note}}
         if evaluation is not None:
             sections.update(self._klom_sections(evaluation, cost))
-        test_x, test_y = self.rows.val_x.cpu(), self.rows.val_y.cpu()
-        result = publish_model(run, self.model, self.model_info, data.retain_set, data.test, test_x, test_y,
-                               curves=self.curves, stopped_by=stopped_by, sections=sections)
         headline = {key: scores["unlearned"][key] for key in SCORE_NAMES if key in scores["unlearned"]}
         headline.update(forget_set_size=data.audit["size"], forget_set_sha256=data.audit["sha256"],
                         cost_ratio=cost.get("ratio"))
+        test_x, test_y = self.rows.val_x.cpu(), self.rows.val_y.cpu()
+        result = publish_model(run, self.model, self.model_info, data.retain_set, data.test, test_x, test_y,
+                               curves=self.curves, stopped_by=stopped_by, sections=sections, headline=headline)
         if evaluation is not None and "table" in evaluation:
             headline["klom95"] = {row["rows"]: {"unlearned": row["unlearned"], "floor": row["floor"]}
                                   for row in evaluation["table"]}
