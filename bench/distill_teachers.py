@@ -38,7 +38,8 @@ def multi_teacher(bench, held_out, data: str, cnn: dict, mlp: dict, seeds: list[
         "kd from the MLP": {"algorithm": "kd", "model": teachers[1]},
         "multi_teacher, plain average": {"algorithm": "multi_teacher", "teachers": teachers,
                                          "params": {"entropy_balance": False, "loss_balance": False}},
-        "multi_teacher, MTARD balance": {"algorithm": "multi_teacher", "teachers": teachers},
+        "multi_teacher, MTARD balance": {"algorithm": "multi_teacher", "teachers": teachers,
+                                         "params": {"entropy_balance": True, "loss_balance": True}},
     }
     specs = [{"method": "distill", "student": SMALL_STUDENT, "dataset": bench.dataset(data), "seed": seed,
               **variant} for variant in variants.values() for seed in seeds]

@@ -240,7 +240,7 @@ def test_transfer_data_labelled_by_the_teacher_lifts_a_few_label_student(platfor
     assert student >= scratch + 0.03  # the issue's +3 points
 
 
-def test_multi_teacher_is_no_worse_than_its_best_teacher_alone(platform, data_root, teachers, kd_job):
+def test_multi_teacher_is_no_worse_than_its_best_teacher_alone(platform, data_root, teachers, kd_job, test_rows):
     mlp = platform.submit({"method": "train", "model": {"arch": "mlp"}, "dataset": _dataset(data_root),
                            "params": {"epochs": 20}, "budget": {"max_seconds": 120}, "seed": 0})
     mlp_id = _succeeded(platform.wait(mlp["id"]))["id"]
@@ -249,16 +249,13 @@ def test_multi_teacher_is_no_worse_than_its_best_teacher_alone(platform, data_ro
                            "dataset": _dataset(data_root), "budget": {"max_seconds": 240}, "seed": 0})
     job = _succeeded(platform.wait(job["id"]))
     report = _artifact(platform, job["id"], "report.json").json()
-    distillation = report["distillation"]
-    temperatures = distillation["teacher_temperatures"]
-    assert len(temperatures) == 2 and temperatures[0] != temperatures[1]  # entropy balance moved them apart
-    assert sum(distillation["teacher_loss_weights"]) == pytest.approx(1.0, abs=1e-3)
-    assert {"weight_teacher_1", "weight_teacher_2"} <= set(report["curves"])
-    best_single = kd_job["result"]["metrics"]["student_accuracy"]  # same student and seed, the CNN teacher alone
-    accuracy = job["result"]["metrics"]["student_accuracy"]
-    print(f"multi_teacher {accuracy} vs kd from the best teacher {best_single}; temperatures {temperatures}")
-    assert accuracy >= best_single - 0.015  # one validation row is 0.7 points
+    assert report["distillation"]["teacher_temperatures"] == [4.0, 4.0]  # plain averaging by default
     assert [row["name"] for row in report["comparison"]] == ["teacher 1", "teacher 2", "student (distilled)"]
+    # Same student, seed and data as kd_job, which distilled the better (CNN) teacher alone.
+    multi = onnx_accuracy(_artifact(platform, job["id"], "model.onnx").content, *test_rows)
+    single = onnx_accuracy(_artifact(platform, kd_job["id"], "model.onnx").content, *test_rows)
+    print(f"held out: multi_teacher {multi:.4f} vs kd from the best teacher alone {single:.4f}")
+    assert multi >= single - 0.005  # 2 of 400 rows: seed noise, see bench/distill_teachers.py for 3-seed means
 
 
 def test_ensemble_student_from_params_ratio(platform, data_root, teachers, test_rows):
@@ -302,7 +299,11 @@ def test_distribution_matching_beats_random_real_images(platform, dm_jobs):
         assert synthetic["x"].shape == (10 * ipc, 1, 8, 8) and synthetic["x"].dtype == np.float32
         assert np.bincount(synthetic["y"]).tolist() == [ipc] * 10
     report = _artifact(platform, dm_jobs[10]["id"], "report.json").json()
-    assert [row["name"] for row in report["comparison"]] == ["full data", "random real subset", "synthetic"]
+    assert [row["name"] for row in report["comparison"]] == ["full data", "random real subset",
+                                                             "synthetic, distilled", "synthetic, initial"]
+    assert dm_jobs[10]["result"]["metrics"]["kept"] == "distilled"
+    candidates = report["dataset_distillation"]["evaluation"]["candidates"]
+    assert candidates["distilled"]["accuracy"] >= candidates["initial"]["accuracy"]
     assert report["dataset_distillation"]["evaluation"]["protocol"]["arch"] == "cnn"
 
 
@@ -401,7 +402,8 @@ def test_cancel_stops_a_running_distillation(platform, data_root):
 def test_a_killed_worker_resumes_multi_teacher_distillation_from_its_checkpoint(platform, data_root, teachers):
     job = platform.submit({"method": "distill", "algorithm": "multi_teacher", "student": SMALL_STUDENT,
                            "teachers": [{"uri": f"job://{t}"} for t in teachers[:2]], "dataset": _dataset(data_root),
-                           "params": {"epochs": 80, "baseline": True}, "budget": {"max_seconds": 300}, "seed": 1})
+                           "params": {"epochs": 80, "baseline": True, "entropy_balance": True, "loss_balance": True},
+                           "budget": {"max_seconds": 300}, "seed": 1})
     deadline = time.time() + 120
     while time.time() < deadline and "checkpoint.saved" not in [e["type"] for e in platform.events(job["id"])]:
         time.sleep(0.2)
@@ -414,3 +416,9 @@ def test_a_killed_worker_resumes_multi_teacher_distillation_from_its_checkpoint(
     series = {m["name"]: m["points"] for m in platform.http.get(f"/v1/jobs/{done['id']}/metrics").json()["data"]}
     assert [p["step"] for p in series["val_accuracy"]] == list(range(1, 81))  # replayed epochs replaced
     assert [p["step"] for p in series["baseline_val_accuracy"]] == list(range(1, 81))
+    # MTARD's state came back with the checkpoint: the loss weights kept moving and still sum to one.
+    weights = [p["value"] for p in series["weight_teacher_1"]]
+    assert len(set(weights)) > 1 and all(0 < w < 1 for w in weights)
+    distillation = _artifact(platform, done["id"], "report.json").json()["distillation"]
+    assert sum(distillation["teacher_loss_weights"]) == pytest.approx(1.0, abs=1e-3)
+    assert len(set(distillation["teacher_temperatures"])) == 2

@@ -51,26 +51,30 @@ def random_subset(train: Dataset, ipc: int, seed: int) -> Dataset:
     return train.subset(np.concatenate(rows))
 
 
-def compare_training_sets(train: Dataset, synthetic: Dataset, val_x: torch.Tensor, val_y: torch.Tensor, ipc: int,
-                          arch: str, args: dict, steps: int, repeats: int, seed: int,
-                          device: torch.device) -> tuple[dict[str, Any], Classifier]:
-    """Accuracy of fresh models on the synthetic set (`repeats` seeds), on `repeats` random real subsets of the same
-    size, and on the full training data (one run); returns the table and the first synthetic-trained model."""
-    first: Classifier | None = None
-    synthetic_scores, random_scores = [], []
-    for repeat in range(repeats):
-        model = fresh_model(synthetic, arch, args, steps, seed + repeat, device)
-        first = first or model
-        synthetic_scores.append(accuracy(model, val_x, val_y))
-        subset = random_subset(train, ipc, seed + 1000 + repeat)
-        random_scores.append(accuracy(fresh_model(subset, arch, args, steps, seed + repeat, device), val_x, val_y))
+def compare_training_sets(train: Dataset, candidates: dict[str, Dataset], val_x: torch.Tensor, val_y: torch.Tensor,
+                          ipc: int, arch: str, args: dict, steps: int, repeats: int, seed: int,
+                          device: torch.device) -> tuple[dict[str, Any], str, Classifier]:
+    """Accuracy of fresh models on each candidate synthetic set (`repeats` seeds each), on `repeats` random real
+    subsets of the same size, and on the full training data (one run). The candidate whose fresh models score best
+    is kept (the first listed wins ties): returns the table, its name and its first fresh model."""
+    scores: dict[str, list[float]] = {}
+    first: dict[str, Classifier] = {}
+    for name, candidate in candidates.items():
+        models = [fresh_model(candidate, arch, args, steps, seed + repeat, device) for repeat in range(repeats)]
+        first[name] = models[0]
+        scores[name] = [accuracy(model, val_x, val_y) for model in models]
+    random_scores = [accuracy(fresh_model(random_subset(train, ipc, seed + 1000 + repeat), arch, args, steps,
+                                          seed + repeat, device), val_x, val_y) for repeat in range(repeats)]
     full = accuracy(fresh_model(train, arch, args, steps, seed, device), val_x, val_y)
-    table = {"synthetic": _summary(synthetic_scores, len(synthetic.y)),
-             "random_real_subset": _summary(random_scores, len(synthetic.y)),
+    kept = max(candidates, key=lambda name: statistics.fmean(scores[name]))
+    rows = len(candidates[kept].y)
+    table = {"synthetic": _summary(scores[kept], rows),
+             "candidates": {name: _summary(values, rows) for name, values in scores.items()}, "kept": kept,
+             "random_real_subset": _summary(random_scores, rows),
              "full_data": _summary([full], len(train.y)),
              "protocol": {"arch": arch, "args": args, "steps": steps, "batch": BATCH, "optimizer": "adamw",
                           "lr": LR, "weight_decay": WEIGHT_DECAY, "schedule": "cosine", "repeats": repeats}}
-    return table, first
+    return table, kept, first[kept]
 
 
 def _summary(scores: list[float], rows: int) -> dict[str, Any]:
@@ -84,17 +88,21 @@ def synthetic_dataset(train: Dataset, x: np.ndarray, y: np.ndarray) -> Dataset:
 
 
 def summarize(table: dict[str, Any], train: Dataset, synthetic: Dataset) -> tuple[dict[str, Any], list[dict]]:
-    """The job's headline numbers, and the report's comparison rows (full data first, so the page shows the
-    synthetic set's rows and bytes as ratios of the real data's)."""
+    """The job's headline numbers, and the report's comparison rows (full data first, so the page shows every set's
+    rows and bytes as ratios of the real data's)."""
     summary = {"synthetic_accuracy": table["synthetic"]["accuracy"],
                "random_real_accuracy": table["random_real_subset"]["accuracy"],
                "full_data_accuracy": table["full_data"]["accuracy"],
                "gain_over_random_real": round(table["synthetic"]["accuracy"]
                                               - table["random_real_subset"]["accuracy"], 5),
+               "kept": table["kept"], **{f"{name}_accuracy": entry["accuracy"]
+                                         for name, entry in table["candidates"].items()},
                "rows_compression": round(len(train.y) / len(synthetic.y), 2),
                "bytes_compression": round(train.x.nbytes / synthetic.x.nbytes, 2)}
     row_bytes = int(np.prod(synthetic.x.shape[1:])) * 4
-    rows = [{"name": name.replace("_", " "), "accuracy": table[name]["accuracy"], "rows": table[name]["rows"],
-             "input_bytes": table[name]["rows"] * row_bytes}
-            for name in ("full_data", "random_real_subset", "synthetic")]
+    entries = {"full data": table["full_data"], "random real subset": table["random_real_subset"],
+               **{f"synthetic, {name}": entry for name, entry in table["candidates"].items()}}
+    rows = [{"name": name, "accuracy": entry["accuracy"], "rows": entry["rows"],
+             "input_bytes": entry["rows"] * row_bytes, "published": name == f"synthetic, {table['kept']}"}
+            for name, entry in entries.items()]
     return summary, rows
