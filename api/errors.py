@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 log = logging.getLogger("refinery.api")
 
@@ -62,6 +63,12 @@ def loc_to_param(loc: tuple) -> str | None:
     return ".".join(parts) or None
 
 
+def allowed_methods(request: Request) -> list[str]:
+    path = request.url.path
+    return sorted({method for route in request.app.routes if isinstance(route, Route) and route.methods
+                   and route.path_regex.match(path) for method in route.methods})
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError):
@@ -76,10 +83,15 @@ def install_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(422, "invalid_spec", message, param), 422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code, "http_error")
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Starlette names only the first matching route's methods; a path served by several routes (GET and
+            # POST /v1/jobs) must list them all (RFC 9110 §15.5.6).
+            headers["Allow"] = ", ".join(allowed_methods(request))
         return JSONResponse(error_body(exc.status_code, code, str(exc.detail), None), exc.status_code,
-                            headers=getattr(exc, "headers", None))
+                            headers=headers or None)
 
     @app.exception_handler(OperationalError)
     async def _database_down(_: Request, exc: OperationalError):

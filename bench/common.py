@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -22,10 +23,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Served:
+    """A running `refinery serve`: its URL, API key header, home (logs under home/logs) and process."""
+    base: str
+    headers: dict[str, str]
+    home: Path
+    proc: subprocess.Popen
+
+    def worker_pids(self) -> list[int]:
+        """The Celery worker processes serve supervises (its direct children)."""
+        out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True, check=True).stdout
+        return [int(line.split()[0]) for line in out.splitlines()[1:]
+                if "celery" in line and int(line.split()[1]) == self.proc.pid]
+
+    def worker_logs(self) -> str:
+        return "".join(path.read_text(errors="replace") for path in sorted((self.home / "logs").glob("worker-*.log")))
+
+
 @contextlib.contextmanager
-def embedded_platform(extra_env: dict[str, str] | None = None):
-    """Yields (base_url, headers). Same command a user runs; torn down afterwards."""
-    home = Path(tempfile.mkdtemp(prefix="refinery-bench-"))
+def served(extra_env: dict[str, str] | None = None, home: Path | None = None):
+    """`refinery serve` (what `make serve` runs) in a scratch home, torn down afterwards. Embedded by default; the
+    production shape when extra_env names a postgresql:// database and a redis:// broker."""
+    home = home or Path(tempfile.mkdtemp(prefix="refinery-bench-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("REFINERY_")}
     env.update(REFINERY_HOME=str(home), REFINERY_PORT=str(free_port()), OMP_NUM_THREADS="1", **(extra_env or {}))
     log = open(home / "serve.log", "w")
@@ -39,10 +59,17 @@ def embedded_platform(extra_env: dict[str, str] | None = None):
                     break
             time.sleep(0.5)
         key = re.search(r"API key: (\S+)", (home / "serve.log").read_text()).group(1)
-        yield base, {"Authorization": f"Bearer {key}"}
+        yield Served(base, {"Authorization": f"Bearer {key}"}, home, proc)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+@contextlib.contextmanager
+def embedded_platform(extra_env: dict[str, str] | None = None):
+    """Yields (base_url, headers) of a served platform."""
+    with served(extra_env) as platform:
+        yield platform.base, platform.headers
 
 
 def wait_job(base: str, headers: dict, job_id: str, timeout: float = 900) -> dict:

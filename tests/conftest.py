@@ -154,7 +154,10 @@ class Platform:
                 return job
             time.sleep(0.3)
         raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s; worker log:\n"
-                             + (self.home / "worker.log").read_text()[-3000:])
+                             + self.worker_log()[-3000:])
+
+    def worker_log(self) -> str:
+        return (self.home / "worker.log").read_text(errors="replace")
 
     def events(self, job_id: str) -> list[dict]:
         events, params = [], {"limit": 100}

@@ -182,3 +182,9 @@ def test_database_down_is_a_503_not_a_500(tmp_path):
         assert r.headers["retry-after"]
     finally:
         api.stop()
+
+
+def test_method_not_allowed_names_every_method_the_path_takes(platform):
+    response = platform.http.delete("/v1/jobs")  # GET and POST /v1/jobs are two routes
+    assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+    assert {m.strip() for m in response.headers["allow"].split(",")} >= {"GET", "POST"}

@@ -1,37 +1,14 @@
 """No job is lost when the broker goes away: a private Redis server is stopped and started again around and during
 jobs; the ledger's outbox and dispatcher sweep re-publish, and running jobs carry on (their leases live in the db)."""
 import os
-import shutil
-import subprocess
 import time
 import uuid
 
 import httpx
 import pytest
 
+from bench.services import REDIS_SERVER, PrivateRedis
 from tests.conftest import TOKEN, Platform, free_port, fresh_database
-
-REDIS_SERVER = shutil.which("redis-server")
-
-
-class PrivateRedis:
-    def __init__(self, port: int, workdir):
-        self.port, self.workdir, self.proc = port, workdir, None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.workdir)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(100):
-            if subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True,
-                              text=True, check=False).stdout.strip() == "PONG":
-                return
-            time.sleep(0.05)
-        raise RuntimeError("private redis did not start")
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")

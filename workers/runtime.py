@@ -100,17 +100,30 @@ class JobRun:
 
     def _beat(self) -> None:
         """Renew the lease, write progress and used time, and pick up a cancel request. Cancel is polled more often
-        than the lease is renewed so a running job stops within a few steps."""
+        than the lease is renewed so a running job stops within a few steps.
+
+        When the ledger cannot be reached (Postgres restarting) the worker fences itself once its lease would have
+        run out: by then the reaper may have handed the job to another attempt, and two attempts must never train
+        at once. The deadline counts from the start of the last renewal that committed, so it is never later than
+        the lease the database holds."""
         next_renew = 0.0
+        held_until = time.monotonic() + self.settings.lease_seconds  # the claim's lease
         while not self._stop_heartbeat.is_set():
             try:
+                if time.monotonic() >= held_until:
+                    log.warning("job %s: lease not renewed for %.0f s (ledger unreachable); stopping this attempt",
+                                self.job_id, self.settings.lease_seconds)
+                    self._lease_lost.set()
+                    return
                 if time.monotonic() >= next_renew:
+                    renewing_at = time.monotonic()
                     with transaction(self.settings.database_url) as session:
                         ok = lifecycle.renew(session, self.job_id, self.token, self.settings.lease_seconds,
                                              used_seconds=self.used_seconds(), progress=self.public_progress())
                     if not ok:
                         self._lease_lost.set()
                         return
+                    held_until = renewing_at + self.settings.lease_seconds
                     next_renew = time.monotonic() + self.settings.heartbeat_seconds
                 with transaction(self.settings.database_url, readonly=True) as session:
                     if cancel_requested(session, self.job_id):

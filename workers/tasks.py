@@ -4,6 +4,7 @@ import logging
 import time
 
 import torch
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from core.settings import get_settings
 from db import lifecycle
@@ -16,6 +17,9 @@ from workers.methods import get_recipe
 from workers.runtime import JobRun, Stop, worker_name
 
 log = logging.getLogger("refinery.worker")
+
+# The database is down or the connection dropped: an outage, not a property of the job.
+LEDGER_ERRORS = (OperationalError, InterfaceError)
 
 
 def execute(job_id: str) -> str:
@@ -30,26 +34,40 @@ def execute(job_id: str) -> str:
         return "skipped"
     run = JobRun(settings, job, token)
     run.start()
+    # These two lines bracket the attempt in the worker's log: bench/chaos.py reads them to prove that no two
+    # attempts of a job ever ran at once.
+    log.info("job %s attempt %s began on %s", job_id, run.attempt, run.worker)
+    outcome = "crashed"
     try:
         status, result, error = _run_recipe(run)
+        _finish(run, status, result, error)
+        outcome = status
     except lifecycle.LeaseLost:
         log.warning("job %s: lease lost; another attempt owns it now", job_id)
-        run.close()
-        return "lease_lost"
-    try:
-        with transaction(settings.database_url) as session:
-            finished = lifecycle.finish(session, job_id, token, status, result=result, error=error,
-                                        used_seconds=run.used_seconds(), progress=run.public_progress())
-            if finished:
-                message = {"succeeded": "Job succeeded.", "cancelled": "Job cancelled; its last checkpoint is kept.",
-                           "failed": f"Job failed: {(error or {}).get('message', '')}"}[status]
-                add_event(session, job_id, run.attempt, f"job.{status}", message,
-                          level="error" if status == "failed" else "info", data={"error": error} if error else {})
-        if finished and status == "succeeded":
-            run.drop_checkpoints()
+        outcome = "lease_lost"
+    except LEDGER_ERRORS as exc:
+        # The ledger went away mid-run: nothing about this attempt can be recorded, so it is abandoned, not failed.
+        # Its lease runs out, the reaper requeues the job and the next attempt resumes from the last checkpoint.
+        log.warning("job %s: ledger unreachable (%s); abandoning attempt %s to the reaper", job_id,
+                    type(exc).__name__, run.attempt)
+        outcome = "ledger_lost"
     finally:
         run.close()
-    return status
+        log.info("job %s attempt %s ended on %s: %s", job_id, run.attempt, run.worker, outcome)
+    return outcome
+
+
+def _finish(run: JobRun, status: str, result: dict | None, error: dict | None) -> None:
+    with transaction(run.settings.database_url) as session:
+        finished = lifecycle.finish(session, run.job_id, run.token, status, result=result, error=error,
+                                    used_seconds=run.used_seconds(), progress=run.public_progress())
+        if finished:
+            message = {"succeeded": "Job succeeded.", "cancelled": "Job cancelled; its last checkpoint is kept.",
+                       "failed": f"Job failed: {(error or {}).get('message', '')}"}[status]
+            add_event(session, run.job_id, run.attempt, f"job.{status}", message,
+                      level="error" if status == "failed" else "info", data={"error": error} if error else {})
+    if finished and status == "succeeded":
+        run.drop_checkpoints()
 
 
 def _run_recipe(run: JobRun) -> tuple[str, dict | None, dict | None]:
@@ -72,7 +90,7 @@ def _run_recipe(run: JobRun) -> tuple[str, dict | None, dict | None]:
         return "succeeded", {"metrics": outcome.metrics, "stopped_by": outcome.stopped_by, **outcome.extra}, None
     except Stop as stop:
         return "cancelled", {"stopped_by": stop.reason, "seconds": round(time.time() - started, 2)}, None
-    except lifecycle.LeaseLost:
+    except (lifecycle.LeaseLost, *LEDGER_ERRORS):
         raise
     except JobFailure as failure:
         return "failed", None, failure.as_dict()
