@@ -24,9 +24,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from core.methods.train import TrainParams  # noqa: E402
 from workers.data.dataset import make_dataset  # noqa: E402
-from workers.unlearning import datamodel  # noqa: E402
 from workers.unlearning.algorithms import MATCHING, PARAMS, match_rows  # noqa: E402
-from workers.unlearning.attribution import fit_attribution  # noqa: E402
+from workers.unlearning.attribution import Fitted, fit_attribution  # noqa: E402
 from workers.unlearning.ensemble import Shared  # noqa: E402
 from workers.unlearning.fitting import Recipe  # noqa: E402
 from workers.unlearning.oracles import evaluate_with_oracles, matching_targets  # noqa: E402
@@ -56,13 +55,13 @@ def forget_mask(train, scenario: str) -> tuple[np.ndarray, int | None]:
     return mask, None
 
 
-def with_targets(shared: Shared, algorithm: str, params, attribution: np.ndarray | None) -> Shared:
+def with_targets(shared: Shared, algorithm: str, params, attribution: Fitted | None) -> Shared:
     """The Shared a job would build for `algorithm`: matching rows and their targets for dmm / oracle_matching."""
     if algorithm not in MATCHING:
         return shared
     match = match_rows(shared.forget, params.retain_multiple, SEED)
     if algorithm == "dmm":
-        shift = datamodel.predicted_shift(attribution, shared.train.y, shared.forget, len(shared.train.classes))
+        shift = attribution.predicted_shift(shared.train.y, shared.forget, len(shared.train.classes))
         return replace(shared, match=match, match_shift=shift[match])
     targets = matching_targets(replace(shared, match=match), params.oracles, SEED, lambda done: None)
     return replace(shared, match=match, match_targets=targets)

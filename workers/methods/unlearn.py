@@ -18,7 +18,6 @@ from workers.models import default_arch
 from workers.outputs import publish_model
 from workers.runtime import JobRun, Stop
 from workers.training import pick_device
-from workers.unlearning import datamodel
 from workers.unlearning.algorithms import MATCHING, PARAMS, build_loop, make_rows, match_rows, retrain_params
 from workers.unlearning.attribution import Attribution, get_attribution
 from workers.unlearning.ensemble import Shared
@@ -119,8 +118,7 @@ class Unlearning:
         try:
             if self.algorithm == "dmm":
                 attribution = self._attribution(run, shared, p.attribution_models)
-                shift = datamodel.predicted_shift(attribution.coefficients, d.train.y, d.forget, len(d.train.classes))
-                shift = shift[match]
+                shift = attribution.fitted.predicted_shift(d.train.y, d.forget, len(d.train.classes))[match]
                 targets = predict_logits(self.original, torch.from_numpy(d.train.x[match]).float()).numpy() + shift
                 self.shared = replace(self.shared, match=match, match_shift=shift)
             else:

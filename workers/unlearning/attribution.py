@@ -1,7 +1,8 @@
 """dmm's attribution as a service: the datamodel is fitted once per trained model (and its training data) and stored
 as an artifact of the job that fitted it, `attribution-<key>.safetensors`, where key hashes the model's weights, the
 training rows and the number of subset models. Later dmm jobs in the same project find it by that name in the ledger
-and only fine-tune: each deletion request after the first is cheap."""
+and only fine-tune: each deletion request after the first is cheap. It holds the tied datamodel's coefficients and
+TRAK's whitened gradient features with their fitted scale (datamodel.py, trak.py)."""
 import hashlib
 import time
 from collections.abc import Callable
@@ -17,16 +18,32 @@ from db.repositories.artifacts import newest_project_artifact
 from db.session import transaction
 from workers.data import Dataset
 from workers.runtime import JobRun
-from workers.unlearning import datamodel
+from workers.unlearning import datamodel, trak
 from workers.unlearning.ensemble import Order, Shared, train_many
 from workers.unlearning.oracles import seed_for
 
-FORMAT = "refinery-datamodel-1"
+FORMAT = "refinery-datamodel-2"
+
+
+@dataclass
+class Fitted:
+    coefficients: np.ndarray  # [N, 4, C], see datamodel.fit
+    whitened: np.ndarray  # [trak.MODELS, N, trak.DIM], see trak.gradient_features
+    q: np.ndarray  # [N], 1 − p(correct) averaged over those models
+    pairwise_scale: float  # see datamodel.pairwise_scale
+
+    def predicted_shift(self, labels: np.ndarray, forget: np.ndarray, num_classes: int) -> np.ndarray:
+        """What a retrain without `forget` would change in every training row's logits: [N, C]. TRAK's term is left
+        out when a whole class goes, as in its fit (datamodel.pairwise_scale)."""
+        pairwise = None
+        if not datamodel.drops_a_class(~forget[None], labels)[0]:
+            pairwise = self.pairwise_scale * trak.removal_effect(self.whitened, self.q, forget[None])[0]
+        return datamodel.predicted_shift(self.coefficients, labels, forget, num_classes, pairwise)
 
 
 @dataclass
 class Attribution:
-    coefficients: np.ndarray  # [N, 4, C], see datamodel.fit
+    fitted: Fitted
     key: str
     artifact: str  # its name
     source_job: str  # the job that fitted it
@@ -65,23 +82,32 @@ def get_attribution(run: JobRun, model: torch.nn.Module, shared: Shared, models:
         run.store.copy_to(storage_key, str(path))
         with safe_open(str(path), framework="np") as stored:
             meta = stored.metadata()
-            coefficients = stored.get_tensor("coefficients")
-        if meta.get("key") == key and coefficients.shape[0] == len(shared.train):
-            return Attribution(coefficients, key, name, job_id, float(meta.get("seconds", 0)), models, True)
-    coefficients, seconds = fit_attribution(shared, models, watch)
-    _store(run, run.workdir / name, coefficients, key, models, seconds)
-    return Attribution(coefficients, key, name, run.job_id, seconds, models, False)
+            fitted = Fitted(stored.get_tensor("coefficients"), stored.get_tensor("trak_whitened"),
+                            stored.get_tensor("trak_q"), float(meta["pairwise_scale"]))
+        if meta.get("key") == key and fitted.coefficients.shape[0] == len(shared.train):
+            return Attribution(fitted, key, name, job_id, float(meta.get("seconds", 0)), models, True)
+    fitted, seconds = fit_attribution(shared, models, watch)
+    _store(run, run.workdir / name, fitted, key, models, seconds)
+    return Attribution(fitted, key, name, run.job_id, seconds, models, False)
 
 
-def fit_attribution(shared: Shared, models: int, watch: Callable[[int], None]) -> tuple[np.ndarray, float]:
-    """Train `models` subset models in helper processes and fit the datamodel; returns (coefficients, seconds)."""
+def fit_attribution(shared: Shared, models: int, watch: Callable[[int], None]) -> tuple[Fitted, float]:
+    """Train `models` subset models in helper processes (the first trak.MODELS that keep every class also give
+    gradient features) and fit the datamodel and TRAK's scale; returns (fitted, seconds)."""
     started = time.perf_counter()
-    masks = datamodel.subset_masks(shared.train.y, models, seed=0)
-    orders = [Order("subset", seed_for("subset", 0, m), masks[m]) for m in range(models)]
+    labels, num_classes = shared.train.y, len(shared.train.classes)
+    masks = datamodel.subset_masks(labels, models, seed=0)
+    with_features = np.flatnonzero(~datamodel.drops_a_class(masks, labels))[:trak.MODELS]
+    orders = [Order("subset", seed_for("subset", 0, m), masks[m], trak.DIM if m in with_features else 0)
+              for m in range(models)]
     trained = train_many(orders, replace(shared, algorithm=None), watch)
-    coefficients = datamodel.fit(masks, shared.train.y, np.stack([t.train_logits for t in trained]),
-                                 len(shared.train.classes))
-    return coefficients, time.perf_counter() - started
+    logits = np.stack([t.train_logits for t in trained])
+    coefficients = datamodel.fit(masks, labels, logits, num_classes)
+    whitened = np.stack([trained[m].gradient_features[0] for m in with_features])
+    q = np.mean([trained[m].gradient_features[1] for m in with_features], axis=0)
+    effects = trak.removal_effect(whitened, q, ~masks)
+    scale = datamodel.pairwise_scale(masks, labels, logits, coefficients, effects, num_classes)
+    return Fitted(coefficients, whitened, q.astype(np.float32), scale), time.perf_counter() - started
 
 
 def _find(run: JobRun, name: str) -> tuple[str, str] | None:
@@ -92,8 +118,10 @@ def _find(run: JobRun, name: str) -> tuple[str, str] | None:
         return (row.job_id, row.storage_key) if row else None
 
 
-def _store(run: JobRun, path: Path, coefficients: np.ndarray, key: str, models: int, seconds: float) -> None:
-    save_file({"coefficients": torch.from_numpy(np.ascontiguousarray(coefficients))}, str(path),
+def _store(run: JobRun, path: Path, fitted: Fitted, key: str, models: int, seconds: float) -> None:
+    tensors = {"coefficients": fitted.coefficients, "trak_whitened": fitted.whitened, "trak_q": fitted.q}
+    save_file({name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in tensors.items()}, str(path),
               metadata={"format": FORMAT, "key": key, "models": str(models), "seconds": f"{seconds:.3f}",
-                        "fitted_by": run.job_id, "features": "size,own_class_absent,logit_class_absent,row_kept"})
+                        "fitted_by": run.job_id, "features": "size,own_class_absent,logit_class_absent,row_kept",
+                        "pairwise_scale": repr(fitted.pairwise_scale)})
     run.add_artifact(path)

@@ -8,10 +8,13 @@ The per-row coefficients are tied so a few dozen subset models determine them: f
 
 b is the effect of the training set's size (fewer rows, fewer optimizer steps), e and g the effects of a whole class
 vanishing (class forgetting), s the row's own effect (memorisation: what a retrain without x loses on x). Pairwise
-effects between particular rows are not modelled. The prediction for a forget set F is the original model's logits
-plus f(x; rows − F) − f(x; rows)."""
+effects between particular rows (removing x's near neighbours) are TRAK's part (trak.py), added to the margin with a
+scale fitted here on the same subset models. The prediction for a forget set F is the original model's logits plus
+f(x; rows − F) − f(x; rows)."""
 import numpy as np
 import torch
+
+from workers.unlearning.klom import margins
 
 # Rows kept per subset model: a share drawn uniformly from [KEEP_LOW, 1], so both the size effect and each row's
 # own effect (a row is left out of ~10% of the models, more with class drops) are measured. Shares from [0.5, 1]
@@ -75,9 +78,36 @@ def fit(masks: np.ndarray, labels: np.ndarray, logits: np.ndarray, num_classes: 
     return coefficients
 
 
-def predicted_shift(coefficients: np.ndarray, labels: np.ndarray, forget: np.ndarray, num_classes: int) -> np.ndarray:
-    """f(x; rows − F) − f(x; rows) for every training row: [N, C]."""
+def drops_a_class(masks: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[M] booleans: which subset models left a whole class out."""
+    present = np.bincount(labels) > 0
+    return np.array([(np.bincount(labels[mask], minlength=len(present))[present] == 0).any() for mask in masks])
+
+
+def pairwise_scale(masks: np.ndarray, labels: np.ndarray, logits: np.ndarray, coefficients: np.ndarray,
+                   effects: np.ndarray, num_classes: int) -> float:
+    """The factor on TRAK's removal effects [M, N] (trak.removal_effect of each model's left-out rows): least squares
+    of what the tied fit leaves over in the subset models' margins. Models that drop a class are left out: removing a
+    whole class is far outside TRAK's linear regime, and the class features cover it."""
+    keep = ~drops_a_class(masks, labels)
+    residual = np.empty((int(keep.sum()), masks.shape[1]))
+    for start in range(0, masks.shape[1], CHUNK_ROWS):
+        rows = np.arange(start, min(start + CHUNK_ROWS, masks.shape[1]))
+        x = _features(masks, labels, num_classes, rows)
+        fitted = logits[:, rows].mean(axis=0) + np.einsum("mncf,nfc->mnc", x - x.mean(axis=0), coefficients[rows])
+        residual[:, rows] = margins(logits[keep][:, rows], labels[rows]) - margins(fitted[keep], labels[rows])
+    effects = effects[keep]
+    return float((residual * effects).sum() / max((effects * effects).sum(), 1e-12))
+
+
+def predicted_shift(coefficients: np.ndarray, labels: np.ndarray, forget: np.ndarray, num_classes: int,
+                    pairwise: np.ndarray | None = None) -> np.ndarray:
+    """f(x; rows − F) − f(x; rows) for every training row: [N, C]. `pairwise` [N], the scaled TRAK margin change,
+    goes onto each row's own-class logit, which moves its margin by as much."""
     rows = np.arange(len(labels))
     after = _features((~forget)[None], labels, num_classes, rows)[0]
     before = _features(np.ones((1, len(labels)), dtype=bool), labels, num_classes, rows)[0]
-    return np.einsum("nfc,ncf->nc", coefficients, after - before).astype(np.float32)
+    shift = np.einsum("nfc,ncf->nc", coefficients, after - before)
+    if pairwise is not None:
+        shift[rows, labels] += pairwise
+    return shift.astype(np.float32)

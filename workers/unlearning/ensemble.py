@@ -16,6 +16,7 @@ from workers.data import Dataset
 from workers.errors import JobFailure
 from workers.evaluation import predict_logits
 from workers.runtime import Stop
+from workers.unlearning import trak
 from workers.unlearning.algorithms import PARAMS, build_loop, make_rows
 from workers.unlearning.fitting import Deadline, Fitting, Recipe, fresh_model, run_to_end
 
@@ -42,10 +43,12 @@ class Shared:
 @dataclass(frozen=True)
 class Order:
     """One model to train. role: "original" (all training rows, then unlearned when Shared names an algorithm),
-    "oracle" (the retain rows) or "subset" (the rows in `rows`)."""
+    "oracle" (the retain rows) or "subset" (the rows in `rows`). `features` > 0: also return the trained model's
+    TRAK gradient features of that width (trak.gradient_features)."""
     role: str
     seed: int
     rows: np.ndarray | None = None
+    features: int = 0
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Trained:
     unlearned_train_logits: np.ndarray | None = None
     unlearned_test_logits: np.ndarray | None = None
     unlearn_seconds: float | None = None
+    gradient_features: tuple[np.ndarray, np.ndarray] | None = None  # (W [N, k], q [N]), see trak.py
 
 
 def usable_cpus() -> int:
@@ -133,6 +137,8 @@ def _train_one(order: Order, s: Shared) -> Trained:
                       test_x, test_y, order.seed)
     model = run_to_end(fitting, budget)
     trained = Trained(order.role, order.seed, *_logits(model, s), seconds=time.perf_counter() - started)
+    if order.features:
+        trained.gradient_features = trak.gradient_features(model, s.train, order.features, order.seed)
     if order.role == "original" and s.algorithm is not None:
         started = time.perf_counter()
         unlearned = unlearn(model, s, order.seed, budget)
