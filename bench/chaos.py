@@ -39,6 +39,7 @@ ENV = {"REFINERY_WORKERS": "2", "REFINERY_LEASE_SECONDS": str(LEASE), "REFINERY_
        "REFINERY_CHECKPOINT_SECONDS": "1", "REFINERY_REDISPATCH_SECONDS": "3", "REFINERY_SWEEP_SECONDS": "0.5",
        "REFINERY_RATE_LIMIT_PER_MINUTE": "1000000"}
 TERMINAL = ("succeeded", "failed", "cancelled")
+EPOCHS = 80
 LOG_LINE = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): \w+/\w+\] job (\w+) attempt (\d+) "
                       r"(began|ended) on \S+?:(\d+)")
 
@@ -57,11 +58,12 @@ class Soak:
 
     # --- plumbing ------------------------------------------------------------------------------------------------
     def submit(self, fault: str, epochs: int) -> int:
-        """POST a training job; returns the status code (the job is tracked when it is 201)."""
+        """POST a training job (an MLP on digits: ~0.05 s an epoch on an idle core); returns the status code (the
+        job is tracked when it is 201)."""
         seed = sum(len(ids) for ids in self.jobs.values())
         response = self.http.post("/v1/jobs", json={"method": "train", "dataset": {"uri": "builtin://digits"},
-                                                    "params": {"epochs": epochs}, "budget": {"max_seconds": 900},
-                                                    "seed": seed})
+                                                    "model": {"arch": "mlp"}, "params": {"epochs": epochs},
+                                                    "budget": {"max_seconds": 900}, "seed": seed})
         if response.status_code == 201:
             self.jobs[fault].append(response.json()["id"])
         return response.status_code
@@ -93,7 +95,7 @@ class Soak:
     # --- 1. worker kills -----------------------------------------------------------------------------------------
     def worker_kills(self, kills: int) -> None:
         for _ in range(kills // 2 + 4):
-            self.submit("worker_kill", epochs=150)
+            self.submit("worker_kill", epochs=EPOCHS)
         ids = self.jobs["worker_kill"]
         per_job = collections.Counter()
         while len(self.kills) < kills:
@@ -101,7 +103,7 @@ class Soak:
                           and (job["progress"] or {}).get("step")]
             if not candidates and all(j["status"] in TERMINAL for j in (self.http.get(f"/v1/jobs/{i}").json()
                                                                           for i in ids)):
-                self.submit("worker_kill", epochs=150)  # ran out of jobs to kill: add one
+                self.submit("worker_kill", epochs=EPOCHS)  # ran out of jobs to kill: add one
                 continue
             for job in candidates[:1]:
                 events = self.events(job["id"])
@@ -127,11 +129,11 @@ class Soak:
     def redis_kills(self, rounds: int) -> None:
         for _ in range(rounds):
             for _ in range(4):
-                self.submit("redis_kill", epochs=60)
+                self.submit("redis_kill", epochs=EPOCHS // 2)
             time.sleep(2)
             self.redis.kill()
             for _ in range(4):
-                self.redis_posts[self.submit("redis_kill", epochs=60)] += 1
+                self.redis_posts[self.submit("redis_kill", epochs=EPOCHS // 2)] += 1
             time.sleep(5)
             self.redis.start()
             self.redis_rounds += 1
@@ -143,7 +145,7 @@ class Soak:
         for _ in range(rounds):
             before = len(self.jobs["postgres_restart"])
             for _ in range(3):
-                self.submit("postgres_restart", epochs=150)
+                self.submit("postgres_restart", epochs=EPOCHS)
             ids = self.jobs["postgres_restart"][before:]
             deadline = time.time() + 120
             while time.time() < deadline and sum(bool((j["progress"] or {}).get("step"))
@@ -195,7 +197,7 @@ class Soak:
         artifacts = {job_id: {a["name"] for a in self.http.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]}
                      for job_id, job in final.items() if job["status"] == "succeeded"}
         return {
-            "settings": {**ENV, "jobs": "train mlp on builtin://digits, 60-150 epochs", "pool": "solo (the worker "
+            "settings": {**ENV, "jobs": f"train mlp on builtin://digits, {EPOCHS // 2}-{EPOCHS} epochs", "pool": "solo (the worker "
                          "process is the pool process)"},
             "jobs_submitted": {fault: len(ids) for fault, ids in self.jobs.items()},
             "jobs_lost": {fault: sum(final[j]["status"] != "succeeded" for j in ids) for fault, ids in self.jobs.items()},

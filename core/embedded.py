@@ -11,6 +11,8 @@ from pathlib import Path
 
 from core.settings import Settings
 
+STABLE_SECONDS = 10.0  # a child up this long before it died was not crash-looping
+
 
 def worker_args(queue: str) -> list[str]:
     """One job per worker process (solo pool); gossip, mingle and broker heartbeats are not needed: the ledger's
@@ -42,8 +44,11 @@ class Child:
         self.name, self.args, self.env, self.log_path = name, args, env, log_path
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
+        self.quick_deaths = 0  # deaths in a row within STABLE_SECONDS of a start: what the restart delay grows with
+        self.started_at = 0.0
 
     def start(self) -> None:
+        self.started_at = time.monotonic()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, *self.args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -99,8 +104,11 @@ def serve(settings: Settings) -> None:
                 if not child.alive() and not stopping:
                     code = child.proc.returncode if child.proc else None
                     child.restarts += 1
+                    stable = time.monotonic() - child.started_at >= STABLE_SECONDS
+                    child.quick_deaths = 0 if stable else child.quick_deaths + 1
                     print(f"{child.name} exited ({code}); restarting (restart {child.restarts})", flush=True)
-                    time.sleep(min(5.0, 0.5 * child.restarts))
+                    # A child that keeps dying right after it starts is crash-looping: back off, up to 5 s.
+                    time.sleep(min(5.0, 0.5 * child.quick_deaths))
                     child.start()
             time.sleep(0.5)
     finally:

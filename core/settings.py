@@ -30,8 +30,11 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = 2.0
     lease_seconds: float = 15.0
     checkpoint_seconds: float = 5.0
-    redispatch_seconds: float = 10.0
+    redispatch_seconds: float = 10.0  # a queued job is published again after this, then after twice as long …
+    redispatch_max_seconds: float = 300.0  # … up to this
     sweep_seconds: float = 1.0
+    # A worker idle this long while its Redis queue holds messages has a stalled consumer and exits (0 = never).
+    worker_stall_seconds: float = 30.0
     run_sweeper: bool = True
 
     max_upload_bytes: int = 512 * 1024 * 1024

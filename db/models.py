@@ -51,6 +51,7 @@ class Job(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     last_dispatched_at: Mapped[float | None] = mapped_column(Float)
+    dispatches: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # publishes since last queued
 
     __table_args__ = (
         Index("ix_jobs_project_id_id", "project_id", "id"),

@@ -30,7 +30,8 @@ def sweep_once(settings: Settings) -> dict[str, int]:
         reaped = reap_expired(session)
     with transaction(url) as session:
         pending = [m.job_id for m in outbox.pending(session)]
-        stale = outbox.stale_queued_jobs(session, older_than=time.time() - settings.redispatch_seconds)
+        stale = outbox.stale_queued_jobs(session, time.time(), settings.redispatch_seconds,
+                                         settings.redispatch_max_seconds)
     published = sum(publish_and_mark(url, job_id, settings.queue) for job_id in dict.fromkeys(pending + stale))
     return {"reaped": len(reaped), "published": published}
 

@@ -1,6 +1,8 @@
 """No job is lost when the broker goes away: a private Redis server is stopped and started again around and during
 jobs; the ledger's outbox and dispatcher sweep re-publish, and running jobs carry on (their leases live in the db)."""
 import os
+import subprocess
+import sys
 import time
 import uuid
 
@@ -8,7 +10,8 @@ import httpx
 import pytest
 
 from bench.services import REDIS_SERVER, PrivateRedis
-from tests.conftest import TOKEN, Platform, free_port, fresh_database
+from tests.conftest import REDIS_URL, ROOT, TOKEN, Platform, free_port, fresh_database
+from workers.watchdog import EXIT_STALLED, Watchdog, redis_queue_depth
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +65,50 @@ def test_a_running_job_survives_a_broker_restart(outage_platform):
     after = platform.submit({"method": "train", "dataset": {"uri": "builtin://iris"}, "params": {"epochs": 1},
                              "budget": {"max_seconds": 60}})
     assert platform.wait(after["id"], timeout=180)["status"] == "succeeded"  # the worker reconnected
+
+
+def test_the_watchdog_sees_a_stall_only_when_idle_beside_a_waiting_queue(redis_client):
+    queue = f"refinery.watchdog.{uuid.uuid4().hex[:6]}"
+    exits: list[int] = []
+    dog = Watchdog(redis_queue_depth(REDIS_URL, queue), stall_seconds=1.0, exit=exits.append, interval=0.1)
+    try:
+        assert not dog.check()  # an empty queue is no stall
+        redis_client.rpush(queue, b"message")
+        dog.busy.set()
+        assert not dog.check() and (time.sleep(1.2) or not dog.check())  # busy with a job: not a stall either
+        dog.busy.clear()
+        assert not dog.check()  # idle beside a message: the clock starts
+        time.sleep(1.2)
+        assert dog.check()
+        dog.start()
+        deadline = time.time() + 5
+        while not exits and time.time() < deadline:
+            time.sleep(0.05)
+        assert exits == [EXIT_STALLED]
+    finally:
+        dog.stopping.set()
+        redis_client.delete(queue)
+
+    def broker_down() -> int:
+        raise ConnectionError("redis is restarting")
+    assert not Watchdog(broker_down, stall_seconds=0).check()  # an unreachable broker is not a stall
+
+
+def test_a_deaf_worker_exits_and_is_replaced(tmp_path, redis_client):
+    """A real worker that cannot hear its queue — it consumes another one, as a stalled consumer hears nothing —
+    while a message waits there exits with EX_TEMPFAIL for its supervisor to replace it."""
+    from core.embedded import worker_args
+
+    queue = f"refinery.deaf.{uuid.uuid4().hex[:6]}"
+    env = dict(os.environ, REFINERY_BROKER_URL=REDIS_URL, REFINERY_QUEUE=queue, REFINERY_HOME=str(tmp_path),
+               REFINERY_WORKER_STALL_SECONDS="2")
+    args = worker_args(queue)
+    args[args.index("-Q") + 1] = queue + ".elsewhere"
+    redis_client.rpush(queue, b"a message nobody consumes")
+    try:
+        worker = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                                timeout=120)
+    finally:
+        redis_client.delete(queue)
+    assert worker.returncode == EXIT_STALLED, worker.stderr[-2000:]
+    assert "the broker consumer has stalled" in worker.stdout + worker.stderr

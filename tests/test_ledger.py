@@ -132,7 +132,7 @@ def test_a_cancelled_queued_job_cannot_be_claimed(pg_url, project_id):
 
 
 def test_dispatcher_publishes_the_outbox_and_stale_queued_jobs_to_redis(pg_url, project_id, redis_client):
-    settings = Settings(database_url=pg_url, redispatch_seconds=0.2, queue=LEDGER_QUEUE)
+    settings = Settings(database_url=pg_url, redispatch_seconds=0.2, redispatch_max_seconds=0.5, queue=LEDGER_QUEUE)
     job_id = make_job(pg_url, project_id)
     with transaction(pg_url) as session:  # other queued jobs in this database were published already
         for message in outbox.pending(session):
@@ -148,6 +148,13 @@ def test_dispatcher_publishes_the_outbox_and_stale_queued_jobs_to_redis(pg_url, 
     time.sleep(0.3)
     assert sweeper.sweep_once(settings)["published"] == 1  # still unclaimed: the message may be lost, publish again
     assert redis_client.llen(LEDGER_QUEUE) == 2
+    time.sleep(0.3)
+    assert sweeper.sweep_once(settings)["published"] == 0  # backing off: 0.4 s after the second publish
+    time.sleep(0.15)
+    assert sweeper.sweep_once(settings)["published"] == 1
+    time.sleep(0.55)
+    assert sweeper.sweep_once(settings)["published"] == 1  # 0.8 s is over the 0.5 s cap
+    assert redis_client.llen(LEDGER_QUEUE) == 4
     redis_client.delete(LEDGER_QUEUE)
 
 

@@ -16,14 +16,20 @@ def mark_published(session: Session, job_id: str) -> None:
     now = time.time()
     session.execute(update(OutboxMessage).where(OutboxMessage.job_id == job_id, OutboxMessage.published_at.is_(None))
                     .values(published_at=now))
-    session.execute(update(Job).where(Job.id == job_id).values(last_dispatched_at=now))
+    session.execute(update(Job).where(Job.id == job_id).values(last_dispatched_at=now, dispatches=Job.dispatches + 1))
 
 
-def stale_queued_jobs(session: Session, older_than: float, limit: int = 100) -> list[str]:
-    """Queued jobs not published for a while: their message may be lost (broker restart, crashed publisher)."""
-    return list(session.scalars(select(Job.id).where(Job.status == "queued",
-                                                     (Job.last_dispatched_at.is_(None)) | (Job.last_dispatched_at < older_than))
-                                .order_by(Job.id).limit(limit)))
+def stale_queued_jobs(session: Session, now: float, every: float, cap: float, limit: int = 100) -> list[str]:
+    """Queued jobs whose message may be lost (broker restarted, publisher crashed): never published, or published
+    long enough ago. The wait doubles with each publish (every, 2·every, 4·every … up to cap), so a long queue of
+    jobs waiting for busy workers does not fill the broker with duplicates."""
+    rows = session.execute(
+        select(Job.id, Job.last_dispatched_at, Job.dispatches)
+        .where(Job.status == "queued", Job.last_dispatched_at.is_(None) | (Job.last_dispatched_at < now - every))
+        .order_by(Job.last_dispatched_at.is_not(None), Job.last_dispatched_at).limit(10 * limit))
+    due = [job_id for job_id, last, dispatches in rows
+           if last is None or now - last >= min(cap, every * 2 ** max(0, dispatches - 1))]
+    return due[:limit]
 
 
 def queue_depth(session: Session) -> int:
