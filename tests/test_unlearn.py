@@ -164,9 +164,9 @@ def test_dmm_fits_the_attribution_once_and_evaluates_against_oracles(platform, d
     assert abs(accuracy - retrain["test_accuracy"]) <= 0.01 + 1e-9
     klom = {row["rows"]: row for row in report["klom"]}
     assert report["klom_estimator"]["k"] == K and set(klom) == {"forget", "retain", "test"}
-    # Matching the datamodel's predicted retrain outputs moves every group of rows towards the oracles: measured
-    # here (K=8, 4 bins) forget 8.3 / retain 6.1 / test 5.4 against do-nothing 9.8 / 7.6 / 6.9 and floor 4.0 / 5.0 /
-    # 4.6. It does not reach the floor on this budget of subset models; bench/unlearn_klom.py has K=32 and K=100.
+    # Matching the datamodel's predicted retrain outputs moves every group of rows towards the oracles (do-nothing
+    # here, K=8 and 4 bins: about 9.8 / 7.6 / 6.9 against a floor of 4.0 / 5.0 / 4.6). It does not reach the floor;
+    # bench/unlearn_klom.py has the K=32 and K=100 figures.
     for row in klom.values():
         assert row["floor"] > 0 and row["unlearned"] <= row["original"] - 1.0, row
     assert report["cost"]["ratio"] > 0 and report["cost"]["one_time_attribution_seconds"] > 0
