@@ -14,7 +14,7 @@ from api.files.router import router as files_router
 from api.health.router import register_collector
 from api.health.router import router as health_router
 from api.jobs.router import router as jobs_router
-from api.limits import BodySizeLimit
+from api.limits import AdmissionGate, BodySizeLimit
 from api.methods.router import router as methods_router
 from core.settings import get_settings
 from db import sweeper
@@ -54,6 +54,7 @@ def create_app() -> FastAPI:
         app.include_router(router)
     # Multipart overhead on top of the file itself is small; 1 MiB of slack keeps a file at the limit uploadable.
     app.add_middleware(BodySizeLimit, max_bytes_for=lambda: get_settings().max_upload_bytes + 1024 * 1024)
+    app.add_middleware(AdmissionGate, limit=get_settings().api_concurrency)
     return app
 
 

@@ -35,9 +35,10 @@ from bench.common import RESULTS, Served, free_port, served
 from bench.services import PrivateRedis, private_postgres
 
 LEASE = 5.0
-ENV = {"REFINERY_WORKERS": "2", "REFINERY_LEASE_SECONDS": str(LEASE), "REFINERY_HEARTBEAT_SECONDS": "1",
+WORKERS = 2
+ENV = {"REFINERY_WORKERS": str(WORKERS), "REFINERY_LEASE_SECONDS": str(LEASE), "REFINERY_HEARTBEAT_SECONDS": "1",
        "REFINERY_CHECKPOINT_SECONDS": "1", "REFINERY_REDISPATCH_SECONDS": "3", "REFINERY_SWEEP_SECONDS": "0.5",
-       "REFINERY_RATE_LIMIT_PER_MINUTE": "1000000"}
+       "REFINERY_RATE_LIMIT_PER_MINUTE": "1000000", "REFINERY_WORKER_STALL_SECONDS": "15"}
 TERMINAL = ("succeeded", "failed", "cancelled")
 EPOCHS = 80
 LOG_LINE = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): \w+/\w+\] job (\w+) attempt (\d+) "
@@ -94,17 +95,17 @@ class Soak:
 
     # --- 1. worker kills -----------------------------------------------------------------------------------------
     def worker_kills(self, kills: int) -> None:
-        for _ in range(kills // 2 + 4):
-            self.submit("worker_kill", epochs=EPOCHS)
-        ids = self.jobs["worker_kill"]
+        """As many jobs in flight as there are workers, so a requeued job waits for a worker to come back, not
+        behind a queue of others: the recovery time is the platform's, not the backlog's."""
         per_job = collections.Counter()
+        ids = self.jobs["worker_kill"]
         while len(self.kills) < kills:
-            candidates = [job for job in self.running(ids) if per_job[job["id"]] < 2
-                          and (job["progress"] or {}).get("step")]
-            if not candidates and all(j["status"] in TERMINAL for j in (self.http.get(f"/v1/jobs/{i}").json()
-                                                                          for i in ids)):
-                self.submit("worker_kill", epochs=EPOCHS)  # ran out of jobs to kill: add one
+            statuses = {job_id: self.http.get(f"/v1/jobs/{job_id}").json() for job_id in ids}
+            if sum(job["status"] not in TERMINAL for job in statuses.values()) < WORKERS:
+                self.submit("worker_kill", epochs=EPOCHS)
                 continue
+            candidates = [job for job in statuses.values() if job["status"] == "running"
+                          and per_job[job["id"]] < 2 and (job["progress"] or {}).get("step")]
             for job in candidates[:1]:
                 events = self.events(job["id"])
                 started = [e for e in events if e["type"] == "job.started" and e["attempt"] == job["attempt"]]
@@ -122,7 +123,7 @@ class Soak:
                 self.kills.append({"job": job["id"], "attempt": job["attempt"], "pid": pid, "at": at,
                                    "step_before": step_before, "last_checkpoint_at": saved[-1]["created_at"],
                                    "last_checkpoint_step": saved[-1]["data"]["step"]})
-            time.sleep(1.5)
+            time.sleep(1.0)
         self.wait_all(ids)
 
     # --- 2. Redis kills ------------------------------------------------------------------------------------------
@@ -182,6 +183,9 @@ class Soak:
             after = [e for e in events[kill["job"]] if e["attempt"] == kill["attempt"] + 1]
             started = next((e for e in after if e["type"] == "job.started"), None)
             resumed = next((e for e in after if e["type"] == "job.resumed"), None)
+            requeued = next((e for e in events[kill["job"]] if e["type"] == "job.requeued"
+                             and e["attempt"] == kill["attempt"] + 1), None)
+            kill["requeued_after_seconds"] = round(requeued["created_at"] - kill["at"], 2) if requeued else None
             kill["recovery_seconds"] = round(started["created_at"] - kill["at"], 2) if started else None
             kill["resumed_at_step"] = resumed["data"]["step"] if resumed else 0
             kill["steps_redone_at_least"] = max(0, kill["step_before"] - kill["resumed_at_step"])
@@ -207,6 +211,8 @@ class Soak:
                                          for evs in events.values()),
             "max_concurrent_attempts_per_job": self.max_concurrent_attempts(),
             "max_attempt": max(job["attempt"] for job in final.values()),
+            "requeued_seconds_after_worker_kill": _spread(sorted(k["requeued_after_seconds"] for k in self.kills
+                                                                 if k["requeued_after_seconds"] is not None)),
             "recovery_seconds_after_worker_kill": _spread(recoveries),
             "recovery_seconds_after_postgres_start": _spread(sorted(pg_recoveries)),
             "lease_seconds": LEASE,
@@ -215,6 +221,8 @@ class Soak:
                                                                     for k in self.kills)),
             "api_answers_while_postgres_down": {str(k): v for k, v in self.pg_answers.items()},
             "post_answers_while_redis_down": {str(k): v for k, v in self.redis_posts.items()},
+            "stalled_workers_restarted_by_the_watchdog": (self.platform.home / "serve.log").read_text()
+            .count("exited (75)"),
             "succeeded_jobs_missing_model_onnx": sum("model.onnx" not in names for names in artifacts.values()),
             "kills": self.kills,
         }

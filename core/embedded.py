@@ -11,6 +11,9 @@ from pathlib import Path
 
 from core.settings import Settings
 
+# Idle keep-alive connections live this long: past typical client pool and load-balancer idle times, so a client
+# never reuses a connection the server is closing (uvicorn's 5 s default did that to slow pollers under load).
+KEEP_ALIVE_SECONDS = 75
 STABLE_SECONDS = 10.0  # a child up this long before it died was not crash-looping
 
 
@@ -78,6 +81,7 @@ def serve(settings: Settings) -> None:
     logs = settings.home / "logs"
     children = [
         Child("api", ["-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(settings.port),
+                      "--timeout-keep-alive", str(KEEP_ALIVE_SECONDS),
                       "--log-level", "warning"], env, logs / "api.log"),
         *(Child(f"worker-{i + 1}", worker_args(settings.queue), env, logs / f"worker-{i + 1}.log")
           for i in range(max(1, settings.workers))),

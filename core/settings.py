@@ -2,7 +2,7 @@
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -39,6 +39,8 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = 512 * 1024 * 1024
     rate_limit_per_minute: int = 600
+    # Requests inside one API process at once (more wait at the door): below the db pool (30) and threads (40).
+    api_concurrency: int = Field(default=24, ge=1, le=36)
     https_timeout_seconds: float = 60.0
     https_max_bytes: int = 1024 * 1024 * 1024
 

@@ -14,7 +14,8 @@ def get_engine(url: str) -> Engine:
         # busy_timeout makes a writer wait for the lock instead of failing.
         # Every transaction starts with BEGIN IMMEDIATE (SQLAlchemy's pysqlite recipe): a read that later writes
         # would otherwise fail with "database is locked" instead of waiting when another process wrote meanwhile.
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=10,
+                               max_overflow=20)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):
@@ -33,6 +34,7 @@ def get_engine(url: str) -> Engine:
         return engine
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    # 30 connections: above the API's admission limit (REFINERY_API_CONCURRENCY, 24) plus the sweeper's.
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 

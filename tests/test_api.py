@@ -188,3 +188,35 @@ def test_method_not_allowed_names_every_method_the_path_takes(platform):
     response = platform.http.delete("/v1/jobs")  # GET and POST /v1/jobs are two routes
     assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
     assert {m.strip() for m in response.headers["allow"].split(",")} >= {"GET", "POST"}
+
+
+def test_the_admission_gate_bounds_requests_inside_and_frees_a_place_when_the_response_starts():
+    import asyncio
+
+    from api.limits import AdmissionGate
+
+    inside, most, streams = 0, 0, asyncio.Event()
+
+    async def app(scope, receive, send):
+        nonlocal inside, most
+        inside += 1
+        most = max(most, inside)
+        await asyncio.sleep(0.02)  # a request's database work
+        inside -= 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if scope["path"] == "/stream":
+            await streams.wait()  # a live stream: its place is already free
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def run() -> list[int]:
+        transport = httpx.ASGITransport(app=AdmissionGate(app, limit=3))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gate") as client:
+            streaming = [asyncio.create_task(client.get("/stream")) for _ in range(3)]
+            await asyncio.sleep(0.1)
+            statuses = [r.status_code for r in await asyncio.gather(*(client.get("/") for _ in range(30)))]
+            streams.set()
+            await asyncio.gather(*streaming)
+            return statuses
+
+    assert asyncio.run(run()) == [200] * 30  # three open streams did not block the thirty
+    assert most == 3
