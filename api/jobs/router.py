@@ -69,6 +69,10 @@ def cancel_job(job: OwnedJob, session: SessionDep):
     return JobObject.of(job)
 
 
+# Event ids are evt_<sequence>: the published pattern says so, so a client (or a fuzzer) knows what a cursor is.
+EventCursorQuery = Annotated[str | None, Query(pattern=r"^evt_[0-9]{1,18}$", description="an event id, e.g. evt_12")]
+
+
 def _event_cursor(after: str | None) -> int:
     if not after:
         return 0
@@ -81,7 +85,7 @@ def _event_cursor(after: str | None) -> int:
 @router.get("/{job_id}/events", response_model=EventList,
             responses={200: {"content": {"text/event-stream": {}}, "description": "JSON page, or a live SSE stream"}})
 def list_events(job: OwnedJob, request: Request, session: SessionDep, settings: SettingsDep, limit: Limit = 100,
-                after: CursorQuery = None):
+                after: EventCursorQuery = None):
     cursor = _event_cursor(request.headers.get("last-event-id") or after)
     if "text/event-stream" in request.headers.get("accept", ""):
         return StreamingResponse(_stream_events(settings.database_url, job.id, cursor, request),
