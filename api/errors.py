@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Route
+from starlette.routing import Match
 
 log = logging.getLogger("refinery.api")
 
@@ -64,9 +64,14 @@ def loc_to_param(loc: tuple) -> str | None:
 
 
 def allowed_methods(request: Request) -> list[str]:
-    path = request.url.path
-    return sorted({method for route in request.app.routes if isinstance(route, Route) and route.methods
-                   and route.path_regex.match(path) for method in route.methods})
+    """The methods some route serves this path with, asked of the router itself (routers nest, so the route table
+    is not flat)."""
+    allowed = []
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
 
 
 def install_handlers(app: FastAPI) -> None:
