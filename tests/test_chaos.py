@@ -61,8 +61,9 @@ def prod(tmp_path_factory):
 
 
 def _train(seed: int, epochs: int = 60, model: dict | None = None) -> dict:
+    """A digits job; an MLP unless told otherwise (a few times faster per epoch than the default CNN)."""
     return {"method": "train", "dataset": {"uri": "builtin://digits"}, "params": {"epochs": epochs},
-            "budget": {"max_seconds": 600}, "seed": seed, **({"model": model} if model else {})}
+            "budget": {"max_seconds": 600}, "seed": seed, "model": model or {"arch": "mlp"}}
 
 
 def _started_on(events: list[dict]) -> list[str]:
