@@ -87,7 +87,7 @@ def test_embedded_train_job_and_project_isolation(embedded, data_root):
 
 def test_a_killed_worker_is_replaced_and_its_job_finishes(embedded):
     r = httpx.post(embedded["base"] + "/v1/jobs", headers=embedded["headers"], json={
-        "method": "train", "dataset": {"uri": "builtin://digits"}, "params": {"epochs": 150},
+        "method": "train", "dataset": {"uri": "builtin://digits"}, "model": {"arch": "mlp"}, "params": {"epochs": 150},
         "budget": {"max_seconds": 200}, "seed": 5})
     job_id = r.json()["id"]
     deadline = time.time() + 60
