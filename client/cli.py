@@ -84,6 +84,7 @@ def cmd_serve(args) -> int:
 
 def cmd_api(args) -> int:
     import uvicorn
+
     from core.embedded import KEEP_ALIVE_SECONDS
     uvicorn.run("api.main:app", host=args.host, port=args.port, proxy_headers=True,
                 timeout_keep_alive=KEEP_ALIVE_SECONDS)
