@@ -26,12 +26,11 @@ import statistics
 import tempfile
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 import httpx
 
-from bench.common import RESULTS, Served, free_port, served
+from bench.common import RESULTS, Served, celery_log_time, free_port, job_events, served
 from bench.services import PrivateRedis, private_postgres
 
 LEASE = 5.0
@@ -41,8 +40,7 @@ ENV = {"REFINERY_WORKERS": str(WORKERS), "REFINERY_LEASE_SECONDS": str(LEASE), "
        "REFINERY_RATE_LIMIT_PER_MINUTE": "1000000", "REFINERY_WORKER_STALL_SECONDS": "15"}
 TERMINAL = ("succeeded", "failed", "cancelled")
 EPOCHS = 80
-LOG_LINE = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): \w+/\w+\] job (\w+) attempt (\d+) "
-                      r"(began|ended) on \S+?:(\d+)")
+LOG_LINE = re.compile(r"\[[^\]]*\] job (\w+) attempt (\d+) (began|ended) on \S+?:(\d+)")
 
 
 class Soak:
@@ -70,13 +68,7 @@ class Soak:
         return response.status_code
 
     def events(self, job_id: str) -> list[dict]:
-        events, params = [], {"limit": 100}
-        while True:
-            page = self.http.get(f"/v1/jobs/{job_id}/events", params=params).json()
-            events += page["data"]
-            if not page["has_more"]:
-                return events
-            params["after"] = page["data"][-1]["id"]
+        return job_events(self.http, job_id)
 
     def wait_all(self, ids: list[str], timeout: float = 1200) -> list[dict]:
         deadline, done = time.time() + timeout, {}
@@ -234,8 +226,8 @@ class Soak:
         for line in self.platform.worker_logs().splitlines():
             match = LOG_LINE.match(line)
             if match:
-                stamp, job_id, attempt, edge, pid = match.groups()
-                at = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                job_id, attempt, edge, pid = match.groups()
+                at = celery_log_time(line)
                 spans.setdefault((job_id, int(attempt), int(pid)), [at, None])[edge == "ended"] = at
         per_job: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
         for (job_id, _, pid), (began, ended) in spans.items():

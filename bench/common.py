@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -23,6 +24,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def job_events(http: httpx.Client, job_id: str) -> list[dict]:
+    """Every event of a job, following the cursor pages."""
+    events, params = [], {"limit": 100}
+    while True:
+        page = http.get(f"/v1/jobs/{job_id}/events", params=params).json()
+        events += page["data"]
+        if not page["has_more"]:
+            return events
+        params["after"] = page["data"][-1]["id"]
+
+
+def worker_pids(parent_pid: int) -> list[int]:
+    """The Celery worker processes a supervisor (`refinery serve`) started: its direct celery children."""
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True, check=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines()[1:]
+            if "celery" in line and int(line.split()[1]) == parent_pid]
+
+
+def celery_log_time(line: str) -> float | None:
+    """The stamp of a Celery log line, "[2026-11-30 01:02:03,456: WARNING/MainProcess] …", in local time."""
+    match = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})", line)
+    return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() if match else None
+
+
 @dataclass
 class Served:
     """A running `refinery serve`: its URL, API key header, home (logs under home/logs) and process."""
@@ -32,10 +57,7 @@ class Served:
     proc: subprocess.Popen
 
     def worker_pids(self) -> list[int]:
-        """The Celery worker processes serve supervises (its direct children)."""
-        out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True, check=True).stdout
-        return [int(line.split()[0]) for line in out.splitlines()[1:]
-                if "celery" in line and int(line.split()[1]) == self.proc.pid]
+        return worker_pids(self.proc.pid)
 
     def worker_logs(self) -> str:
         return "".join(path.read_text(errors="replace") for path in sorted((self.home / "logs").glob("worker-*.log")))

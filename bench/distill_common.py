@@ -1,5 +1,6 @@
 """Shared plumbing of the distillation benches: the data files (digits and mnist5k with held-out rows), the embedded
 platform with two workers, submitting batches of jobs, scoring model.onnx files on held-out rows, tables and JSON."""
+import argparse
 import contextlib
 import io
 import json
@@ -79,6 +80,14 @@ class Bench:
     def npz(self, job: dict, name: str) -> dict[str, np.ndarray]:
         with np.load(io.BytesIO(self.artifact(job, name))) as arrays:
             return {key: arrays[key] for key in arrays.files}
+
+
+def scope() -> tuple[bool, list[int], list[str]]:
+    """The command line every distillation bench takes: `--quick` is digits and one seed. (quick, seeds, datasets)"""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="digits only, one seed")
+    quick = parser.parse_args().quick
+    return quick, [0] if quick else [0, 1, 2], ["digits"] if quick else ["digits", "mnist5k"]
 
 
 @contextlib.contextmanager

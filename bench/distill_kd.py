@@ -7,10 +7,18 @@ Accuracies are model.onnx / baseline.onnx in ONNX Runtime on held-out rows no jo
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.distill_kd [--quick]
 
 Prints tables and writes bench/results/distill_kd.json."""
-import argparse
 import platform
 
-from bench.distill_common import SMALL_STUDENT, TEACHER_EPOCHS, accuracy, bench_platform, mean_std, print_table, save
+from bench.distill_common import (
+    SMALL_STUDENT,
+    TEACHER_EPOCHS,
+    accuracy,
+    bench_platform,
+    mean_std,
+    print_table,
+    save,
+    scope,
+)
 
 STUDENTS = {"2-conv 1.7k": SMALL_STUDENT, "params_ratio 0.05": {"params_ratio": 0.05}}
 
@@ -70,11 +78,7 @@ def epoch_costs(bench, data: str, teacher: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="digits only, one seed")
-    args = parser.parse_args()
-    seeds = [0] if args.quick else [0, 1, 2]
-    datasets = ["digits"] if args.quick else ["digits", "mnist5k"]
+    quick, seeds, datasets = scope()
     results = {"machine": platform.platform(), "seeds": seeds, "students": [], "few_labels": [], "epoch_costs": []}
     with bench_platform() as (bench, held_out):
         for data in datasets:

@@ -7,12 +7,11 @@ Runtime; the ensemble's own accuracy averages its members' ONNX softmaxes.
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.distill_teachers [--quick]
 
 Prints tables and writes bench/results/distill_teachers.json."""
-import argparse
 import platform
 
 import numpy as np
 
-from bench.distill_common import (
+from bench.distill_common import (  # noqa: E402
     SMALL_STUDENT,
     TEACHER_EPOCHS,
     accuracy,
@@ -21,6 +20,7 @@ from bench.distill_common import (
     onnx_logits,
     print_table,
     save,
+    scope,
 )
 
 MEMBERS = 4
@@ -88,11 +88,7 @@ def ensemble(bench, held_out, data: str, members: list[dict], seeds: list[int], 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="digits only, one seed")
-    args = parser.parse_args()
-    seeds = [0] if args.quick else [0, 1, 2]
-    datasets = ["digits"] if args.quick else ["digits", "mnist5k"]
+    quick, seeds, datasets = scope()
     results = {"machine": platform.platform(), "seeds": seeds, "multi_teacher": [], "ensemble": []}
     with bench_platform() as (bench, held_out):
         for data in datasets:

@@ -160,13 +160,8 @@ class Platform:
         return (self.home / "worker.log").read_text(errors="replace")
 
     def events(self, job_id: str) -> list[dict]:
-        events, params = [], {"limit": 100}
-        while True:
-            page = self.http.get(f"/v1/jobs/{job_id}/events", params=params).json()
-            events += page["data"]
-            if not page["has_more"]:
-                return events
-            params["after"] = page["data"][-1]["id"]
+        from bench.common import job_events
+        return job_events(self.http, job_id)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(Path(sys.executable).parent / "refinery"), *args], env=self.env, cwd=ROOT,

@@ -9,13 +9,12 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
-from bench.common import Served, served
+from bench.common import Served, celery_log_time, served
 from bench.services import PG_BIN, REDIS_SERVER, PrivateRedis, private_postgres
 from tests.conftest import Platform, free_port
 
@@ -100,7 +99,7 @@ def test_postgres_restart_mid_run_is_a_503_then_the_job_resumes_once(prod):
     resumed = [e for e in events if e["type"] == "job.resumed"]
     assert len(resumed) == 1 and resumed[0]["attempt"] == 2 and resumed[0]["data"]["step"] > 0
     # Never two active attempts: the first worker let go before the second attempt started.
-    abandoned = [_log_time(line) for line in prod.platform.worker_logs().splitlines()
+    abandoned = [celery_log_time(line) for line in prod.platform.worker_logs().splitlines()
                  if job["id"] in line and ("abandoning attempt 1" in line or "stopping this attempt" in line)]
     second_start = next(e["created_at"] for e in events if e["type"] == "job.started" and e["attempt"] == 2)
     assert abandoned and abandoned[0] < second_start, (abandoned, second_start)
@@ -108,12 +107,6 @@ def test_postgres_restart_mid_run_is_a_503_then_the_job_resumes_once(prod):
     epochs = [p["step"] for p in next(m for m in prod.http.get(f"/v1/jobs/{job['id']}/metrics").json()["data"]
                                       if m["name"] == "val_accuracy")["points"]]
     assert epochs == list(range(1, 151))
-
-
-def _log_time(line: str) -> float:
-    """Celery's log stamp, "[2026-11-30 01:02:03,456: WARNING/MainProcess] …", in the machine's local time."""
-    stamp = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})", line).group(1)
-    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 def _rss_bytes(pid: int) -> int:

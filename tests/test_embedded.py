@@ -13,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.common import worker_pids
 from tests.conftest import ROOT, free_port, onnx_accuracy
 
 REFINERY = str(Path(sys.executable).parent / "refinery")
@@ -54,12 +55,6 @@ def _wait(e, job_id, timeout=180):
     raise AssertionError(f"{job_id} did not finish")
 
 
-def _worker_pids(proc) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True, check=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines()[1:]
-            if "celery" in line and int(line.split()[1]) == proc.pid]
-
-
 def test_serve_prints_a_working_key_and_needs_no_services(embedded):
     text = (embedded["home"] / "serve.log").read_text()
     assert "sqlite:///" in text and "filesystem://" in text and "listening on" in text
@@ -99,10 +94,10 @@ def test_a_killed_worker_is_replaced_and_its_job_finishes(embedded):
         time.sleep(0.3)
     else:
         raise AssertionError("no checkpoint within 60 s")
-    before = _worker_pids(embedded["proc"])
+    before = worker_pids(embedded["proc"].pid)
     assert len(before) == 1
     os.kill(before[0], signal.SIGKILL)
     job = _wait(embedded, job_id, timeout=240)
     assert job["status"] == "succeeded" and job["attempt"] == 2, job
-    after = _worker_pids(embedded["proc"])
+    after = worker_pids(embedded["proc"].pid)
     assert after and after != before

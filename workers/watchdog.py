@@ -21,6 +21,7 @@ class Watchdog:
         self.busy = threading.Event()  # set while a task runs (task_prerun → task_postrun)
         self.stopping = threading.Event()
         self._waiting_since: float | None = None
+        self.depth = 0  # messages waiting at the last look
 
     def check(self) -> bool:
         """One look; True when the worker has stalled and should exit."""
@@ -29,6 +30,7 @@ class Watchdog:
         except Exception as exc:  # broker down: that is the reconnect logic's business, not a stall
             log.debug("watchdog: queue depth unavailable (%s)", exc)
             depth = 0
+        self.depth = depth
         if depth == 0:
             self._waiting_since = None
             return False
@@ -39,7 +41,7 @@ class Watchdog:
         while not self.stopping.wait(self.interval):
             if self.check():
                 log.critical("idle for %.0f s while %d messages wait in the queue: the broker consumer has stalled; "
-                             "exiting so the supervisor starts a fresh worker", self.stall_seconds, self.queue_depth())
+                             "exiting so the supervisor starts a fresh worker", self.stall_seconds, self.depth)
                 self.exit(EXIT_STALLED)
                 return
 
