@@ -28,7 +28,7 @@ from workers.unlearning.algorithms import MATCHING, PARAMS, match_rows  # noqa: 
 from workers.unlearning.attribution import Fitted, fit_attribution  # noqa: E402
 from workers.unlearning.ensemble import Shared  # noqa: E402
 from workers.unlearning.fitting import Recipe  # noqa: E402
-from workers.unlearning.oracles import evaluate_with_oracles, matching_targets  # noqa: E402
+from workers.unlearning.oracles import evaluate_with_oracles, matching_shift  # noqa: E402
 
 ALGORITHMS = ["retrain", "finetune", "neggrad_plus", "scrub", "dmm", "oracle_matching"]
 FORGET_CLASS = 3
@@ -47,28 +47,28 @@ def digits():
     return train_set, make_dataset(x[test], y[test], uri="builtin://digits#test", classes=train_set.classes)
 
 
-def forget_mask(train, scenario: str) -> tuple[np.ndarray, int | None]:
+def forget_mask(train, scenario: str, forget_seed: int = 1) -> tuple[np.ndarray, int | None]:
     if scenario == "class":
         return train.y == FORGET_CLASS, FORGET_CLASS
     mask = np.zeros(len(train), dtype=bool)
-    mask[np.random.default_rng(1).choice(len(train), len(train) // 10, replace=False)] = True  # as the tests
+    mask[np.random.default_rng(forget_seed).choice(len(train), len(train) // 10, replace=False)] = True  # 1: as the tests
     return mask, None
 
 
 def with_targets(shared: Shared, algorithm: str, params, attribution: Fitted | None) -> Shared:
-    """The Shared a job would build for `algorithm`: matching rows and their targets for dmm / oracle_matching."""
+    """The Shared a job would build for `algorithm`: matching rows and their shift for dmm / oracle_matching."""
     if algorithm not in MATCHING:
         return shared
     match = match_rows(shared.forget, params.retain_multiple, SEED)
     if algorithm == "dmm":
-        shift = attribution.predicted_shift(shared.train.y, shared.forget, len(shared.train.classes))
-        return replace(shared, match=match, match_shift=shift[match])
-    targets = matching_targets(replace(shared, match=match), params.oracles, SEED, lambda done: None)
-    return replace(shared, match=match, match_targets=targets)
+        shift = attribution.predicted_shift(shared.train.y, shared.forget, len(shared.train.classes))[match]
+    else:
+        shift = matching_shift(replace(shared, match=match), params.oracles, SEED, lambda done: None)
+    return replace(shared, match=match, match_shift=shift)
 
 
 def run(k_values: list[int], scenarios: list[str], algorithms: list[str], attribution_models: int,
-        out: Path) -> dict:
+        out: Path, forget_seed: int = 1) -> dict:
     train, test = digits()
     recipe = Recipe("mlp", {"hidden": [128]}, TrainParams())
     deadline = time.time() + 24 * 3600
@@ -80,12 +80,12 @@ def run(k_values: list[int], scenarios: list[str], algorithms: list[str], attrib
           flush=True)
     results = {"setting": {"data": "sklearn digits, 1397 train / 400 test rows", "model": "mlp hidden [128]",
                            "recipe": recipe.params.model_dump(mode="json"), "forget_class": FORGET_CLASS,
-                           "random_forget": "10% of training rows, numpy default_rng(1)",
+                           "random_forget": f"10% of training rows, numpy default_rng({forget_seed})",
                            "attribution_models": attribution_models,
                            "attribution_seconds": round(attribution_seconds, 1)},
                "runs": []}
     for scenario in scenarios:
-        forget, forget_class = forget_mask(train, scenario)
+        forget, forget_class = forget_mask(train, scenario, forget_seed)
         for k in k_values:
             for algorithm in algorithms:
                 params = PARAMS[algorithm]()
@@ -128,12 +128,14 @@ def main() -> None:
     parser.add_argument("--scenario", choices=["random", "class"], nargs="+", default=["random", "class"])
     parser.add_argument("--algorithm", choices=ALGORITHMS, nargs="+", default=ALGORITHMS)
     parser.add_argument("--attribution-models", type=int, default=PARAMS["dmm"]().attribution_models)
+    parser.add_argument("--forget-seed", type=int, default=1, help="seed of the random forget set (1: the tests')")
     parser.add_argument("--out", default="unlearn_klom.json", help="file name under bench/results/")
     args = parser.parse_args()
     print("KLoM95 cells: unlearned (oracle-vs-oracle floor | do-nothing original); cost = unlearning seconds / "
           "retrain seconds, single thread\n" + HEADER, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    run(args.k, args.scenario, args.algorithm, args.attribution_models, RESULTS / Path(args.out).name)
+    run(args.k, args.scenario, args.algorithm, args.attribution_models, RESULTS / Path(args.out).name,
+        args.forget_seed)
 
 
 if __name__ == "__main__":

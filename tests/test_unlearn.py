@@ -14,8 +14,9 @@ import torch
 from tests.conftest import onnx_accuracy
 
 SEED = 0
-K = 8  # evaluation oracles in tests; the K=32 / K=100 tables are in bench/unlearn_klom.py
+K = 32  # evaluation oracles: the issue's targets are set at K=32; bench/unlearn_klom.py has K=100 too
 BUDGET = {"max_seconds": 300}
+EVALUATED_BUDGET = {"max_seconds": 900}  # 192 subset models, 32 originals and 64 oracles on two cores
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,8 @@ def unlearn(platform, trained, digits, algorithm, forget, params=None, evaluate=
     spec = {"method": "unlearn", "algorithm": algorithm, "model": {"uri": f"job://{trained['id']}"},
             "dataset": digits["dataset"], "forget": forget, "params": params or {}, "budget": BUDGET, "seed": SEED}
     if evaluate:
-        spec["evaluate"] = evaluate
+        spec.update(evaluate=evaluate, budget=EVALUATED_BUDGET)
+        timeout = max(timeout, 900)
     job = platform.wait(platform.submit(spec)["id"], timeout=timeout)
     assert job["status"] == "succeeded", job["error"]
     return job
@@ -81,8 +83,19 @@ def retrain_job(platform, trained, digits, forget_rows):
 
 @pytest.fixture(scope="module")
 def dmm_job(platform, trained, digits, forget_rows):
-    return unlearn(platform, trained, digits, "dmm", {"indices": forget_rows}, params={"attribution_models": 64},
-                   evaluate={"oracles": K})
+    return unlearn(platform, trained, digits, "dmm", {"indices": forget_rows}, evaluate={"oracles": K})
+
+
+def assert_klom_targets(report):
+    """The issue's targets at K=32: KLoM95 within floor + 1.0 on the forget rows and floor + 0.5 on retain and
+    test rows, every group well below doing nothing."""
+    klom = {row["rows"]: row for row in report["klom"]}
+    assert report["klom_estimator"]["k"] == K and set(klom) == {"forget", "retain", "test"}
+    assert klom["forget"]["unlearned"] <= klom["forget"]["floor"] + 1.0, klom
+    for name in ("retain", "test"):
+        assert klom[name]["unlearned"] <= klom[name]["floor"] + 0.5, klom
+    for row in klom.values():
+        assert row["floor"] > 0 and row["unlearned"] <= row["original"] - 2.0, row
 
 
 # --- the catalog and spec rules -----------------------------------------------------------------------------------
@@ -162,19 +175,13 @@ def test_dmm_fits_the_attribution_once_and_evaluates_against_oracles(platform, d
         assert abs(unlearned[key] - retrain[key]) <= 0.01 + 1e-9, (key, unlearned, retrain)
     accuracy = onnx_accuracy(onnx_of(platform, dmm_job), digits["test_x"], digits["test_y"])
     assert abs(accuracy - retrain["test_accuracy"]) <= 0.01 + 1e-9
-    klom = {row["rows"]: row for row in report["klom"]}
-    assert report["klom_estimator"]["k"] == K and set(klom) == {"forget", "retain", "test"}
-    # Matching the datamodel's predicted retrain outputs moves every group of rows towards the oracles (do-nothing
-    # here, K=8 and 4 bins: about 9.8 / 7.6 / 6.9 against a floor of 4.0 / 5.0 / 4.6). It does not reach the floor;
-    # bench/unlearn_klom.py has the K=32 and K=100 figures.
-    for row in klom.values():
-        assert row["floor"] > 0 and row["unlearned"] <= row["original"] - 1.0, row
+    assert_klom_targets(report)
     assert report["cost"]["ratio"] > 0 and report["cost"]["one_time_attribution_seconds"] > 0
     assert dmm_job["result"]["metrics"]["forget_set_sha256"] == report["forget_set"]["sha256"]
 
 
 def test_dmm_reuses_the_attribution_and_forgets_a_class(platform, trained, digits, dmm_job):
-    job = unlearn(platform, trained, digits, "dmm", {"class": 3}, params={"attribution_models": 64})
+    job = unlearn(platform, trained, digits, "dmm", {"class": 3})
     report = report_of(platform, job)
     assert report["attribution"]["reused"] is True and report["attribution"]["fitted_by"] == dmm_job["id"]
     names = [a["name"] for a in platform.http.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]]
@@ -189,20 +196,13 @@ def test_dmm_reuses_the_attribution_and_forgets_a_class(platform, trained, digit
 
 
 def test_oracle_matching_reaches_the_floor(platform, trained, digits, forget_rows, retrain_job):
-    job = unlearn(platform, trained, digits, "oracle_matching", {"indices": forget_rows}, params={"oracles": 8},
-                  evaluate={"oracles": K})
+    job = unlearn(platform, trained, digits, "oracle_matching", {"indices": forget_rows}, evaluate={"oracles": K})
     report = report_of(platform, job)
-    klom = {row["rows"]: row for row in report["klom"]}
-    # Measured (K=8, 4 bins): forget 5.3 / retain 5.3 / test 5.2 against floor 4.0 / 5.0 / 4.6 and do-nothing 9.8 /
-    # 7.6 / 6.9. At K=8 one estimate moves by about a point from seed to seed, hence the margins.
-    assert klom["forget"]["unlearned"] <= klom["forget"]["floor"] + 2.0, klom
-    for name in ("retain", "test"):
-        assert klom[name]["unlearned"] <= klom[name]["floor"] + 1.0, klom
-    for row in klom.values():
-        assert row["unlearned"] < row["original"], row
+    assert_klom_targets(report)
+    assert report["matching_oracles"]["oracles"] == report["matching_oracles"]["paired_originals"] == 8
     retrain = scores(report_of(platform, retrain_job))["unlearned (retrain)"]
     unlearned = scores(report)["unlearned (oracle_matching)"]
-    for key in ("retain_accuracy", "test_accuracy"):
+    for key in ("forget_accuracy", "retain_accuracy", "test_accuracy"):
         assert abs(unlearned[key] - retrain[key]) <= 0.01 + 1e-9, (key, unlearned, retrain)
 
 

@@ -65,21 +65,18 @@ class ScrubParams(Params):
 
 
 class DmmParams(Params):
-    # 16, not 10: the forget rows' own targets are reached only slowly (after 10 epochs a forget row's margin has
-    # moved about 3/4 of the way), and 16 epochs of matching still cost under a quarter of a retrain.
-    epochs: int = Field(default=16, ge=1, le=1000, description="epochs of output matching")
-    lr: float = Field(default=1e-3, gt=0, le=10)
+    epochs: int = Field(default=10, ge=1, le=1000, description="epochs of output matching")
+    lr: float = Field(default=2e-3, gt=0, le=10)
     batch_size: BatchSize = 64
     retain_multiple: int = Field(default=2, ge=0, le=100, description="retain rows matched per forget row")
-    attribution_models: int = Field(default=96, ge=8, le=1024, description="models trained on random subsets to fit "
+    attribution_models: int = Field(default=192, ge=8, le=1024, description="models trained on random subsets to fit "
                                     "the datamodel; computed once per trained model and reused")
 
 
 class OracleMatchingParams(Params):
-    # 16: on digits (K=32) 8 oracles left the forget rows' KLoM95 at 4.10, 16 gave 3.68 and 24 gave 3.84 — past 16
-    # the noise of the mean target is no longer what limits it.
-    oracles: int = Field(default=16, ge=1, le=MAX_ORACLES, description="models retrained on the retain set whose "
-                                                                      "mean outputs are matched")
+    oracles: int = Field(default=8, ge=1, le=MAX_ORACLES, description="models retrained on the retain set, each "
+                         "beside an original retrained with its seed (2 models per oracle); the mean change between "
+                         "the two is matched")
     epochs: int = Field(default=10, ge=1, le=1000, description="epochs of output matching")
     lr: float = Field(default=1e-3, gt=0, le=10)
     batch_size: BatchSize = 64

@@ -23,7 +23,7 @@ from workers.unlearning.attribution import Attribution, get_attribution
 from workers.unlearning.ensemble import Shared
 from workers.unlearning.fitting import Fitting, fresh_model
 from workers.unlearning.forget_set import load_unlearning_data
-from workers.unlearning.oracles import evaluate_with_oracles, matching_targets, model_scores
+from workers.unlearning.oracles import evaluate_with_oracles, matching_shift, model_scores
 from workers.unlearning.origin import find_origin
 
 # Epochs of a from-scratch run timed to estimate a retrain's wall time (the estimate is per-epoch × epochs).
@@ -111,7 +111,8 @@ class Unlearning:
 
     # --- phases ------------------------------------------------------------------------------------------------
     def _prepare_targets(self, run: JobRun) -> None:
-        """The matching algorithms' target logits on the forget rows and a sample of retain rows."""
+        """The matching algorithms' target logits on the forget rows and a sample of retain rows: the model's own
+        logits plus what a retrain would change in them."""
         d, p = self.data, self.p
         match = match_rows(d.forget, p.retain_multiple, run.spec.seed)
         shared = replace(self._for_helpers(run), match=match)
@@ -119,19 +120,19 @@ class Unlearning:
             if self.algorithm == "dmm":
                 attribution = self._attribution(run, shared, p.attribution_models)
                 shift = attribution.fitted.predicted_shift(d.train.y, d.forget, len(d.train.classes))[match]
-                targets = predict_logits(self.original, torch.from_numpy(d.train.x[match]).float()).numpy() + shift
-                self.shared = replace(self.shared, match=match, match_shift=shift)
             else:
-                run.event("oracles.started", f"Retraining {p.oracles} oracles on the retain set; oracle_matching "
-                          "matches their mean outputs.", oracles=p.oracles)
+                run.event("oracles.started", f"Retraining {p.oracles} oracles on the retain set, each beside an "
+                          "original retrained with its seed; oracle_matching matches the mean change.",
+                          oracles=p.oracles)
                 started = time.perf_counter()
-                targets = matching_targets(shared, p.oracles, run.spec.seed, self._watch(run, "matching oracles",
-                                                                                         p.oracles))
-                self.prepared["matching_oracles"] = {"oracles": p.oracles,
+                shift = matching_shift(shared, p.oracles, run.spec.seed,
+                                       self._watch(run, "matching oracles", 2 * p.oracles))
+                self.prepared["matching_oracles"] = {"oracles": p.oracles, "paired_originals": p.oracles,
                                                      "seconds": round(time.perf_counter() - started, 2)}
-                self.shared = replace(self.shared, match=match, match_targets=targets)
         except Stop as stop:
             self._budget_failure(stop, "preparing the matching targets")
+        self.shared = replace(self.shared, match=match, match_shift=shift)
+        targets = predict_logits(self.original, torch.from_numpy(d.train.x[match]).float()).numpy() + shift
         self.rows = make_rows(d.train, d.forget, d.test, self.device, match, targets)
 
     def _attribution(self, run: JobRun, shared: Shared, models: int) -> Attribution:

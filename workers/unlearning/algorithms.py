@@ -32,7 +32,8 @@ MATCHING = ("dmm", "oracle_matching")
 @dataclass
 class Rows:
     """The tensors a loop reads, on the training device. `retain` is kept as a Dataset for a retrain's input
-    statistics; `match_x`/`match_targets` are the rows and target logits of the matching algorithms."""
+    statistics; `match_x`/`match_y`/`match_margins` are the rows, labels and target margins of the matching
+    algorithms."""
     retain: Dataset
     retain_x: torch.Tensor
     retain_y: torch.Tensor
@@ -41,7 +42,8 @@ class Rows:
     val_x: torch.Tensor
     val_y: torch.Tensor
     match_x: torch.Tensor | None = None
-    match_targets: torch.Tensor | None = None
+    match_y: torch.Tensor | None = None
+    match_margins: torch.Tensor | None = None
 
 
 def batch_size_for(value: int | str, rows: int) -> int:
@@ -179,16 +181,24 @@ class Scrub(Loop):
         return metrics, step
 
 
+def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """z_y − logsumexp of the other logits, per row (klom.margins in torch)."""
+    own = F.one_hot(labels, logits.shape[1]).bool()
+    return logits[own] - torch.logsumexp(logits.masked_fill(own, -torch.inf), dim=1)
+
+
 class Matching(Loop):
-    """Fine-tune to given target logits with MSE, on the forget rows plus a sample of retain rows (Georgiev et al.,
-    Attribute-to-Delete). The targets say what a retrained model would output: predicted by the datamodel (dmm) or
-    averaged over real retrained models (oracle_matching)."""
+    """Fine-tune to what a retrained model would output, with MSE, on the forget rows plus a sample of retain rows
+    (Georgiev et al., Attribute-to-Delete): the model's own outputs moved by a shift predicted by the datamodel (dmm)
+    or measured on real retrains (oracle_matching). The paper matches logits; this matches margins, the quantity KLoM
+    compares. On digits, logit MSE toward the same targets left the forget rows' margins where they were (their
+    accuracy unchanged at 0.986, KLoM95 5.8) when the shift was on one logit; margin MSE moved them (0.980, 3.6)."""
 
     def __init__(self, model: Classifier, p: DmmParams | OracleMatchingParams, rows: Rows, weight_decay: float,
                  seed: int):
         super().__init__(model, p.epochs, p.lr, weight_decay, seed)
-        if rows.match_x is None or rows.match_targets is None:
-            raise ValueError("matching needs match_x and match_targets")
+        if rows.match_x is None or rows.match_y is None or rows.match_margins is None:
+            raise ValueError("matching needs match_x, match_y and match_margins")
         self.rows = rows
         self.batch_size = batch_size_for(p.batch_size, len(rows.match_x))
 
@@ -199,7 +209,7 @@ class Matching(Loop):
         def loss_of_batch(index: torch.Tensor) -> torch.Tensor:
             # The targets are outputs of deployed (eval-mode) models, so dropout stays off while matching them.
             self.model.eval()
-            return F.mse_loss(self.model(r.match_x[index]), r.match_targets[index])
+            return F.mse_loss(margins(self.model(r.match_x[index]), r.match_y[index]), r.match_margins[index])
 
         loss, step = train_one_epoch(budget, self.model, self.optimizer, len(r.match_x), self.batch_size,
                                      loss_of_batch, seed=self.seed, epoch=epoch, step=step, lr_hint=self.lr)
@@ -235,7 +245,8 @@ def match_rows(forget: np.ndarray, retain_multiple: int, seed: int) -> np.ndarra
 
 def make_rows(train: Dataset, forget: np.ndarray, test: Dataset, device: torch.device,
               match: np.ndarray | None = None, targets: np.ndarray | None = None) -> Rows:
-    """Tensors for the loops from the training rows, the forget mask over them and the test rows."""
+    """Tensors for the loops from the training rows, the forget mask over them and the test rows; `targets` are the
+    target logits of the matched rows `match`."""
     def tensors(rows: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.from_numpy(rows.x).float().to(device), torch.from_numpy(rows.y).long().to(device)
 
@@ -243,5 +254,7 @@ def make_rows(train: Dataset, forget: np.ndarray, test: Dataset, device: torch.d
     rows = Rows(retain, *tensors(retain), *tensors(train.subset(forget)), *tensors(test))
     if match is not None and targets is not None:
         rows.match_x = torch.from_numpy(train.x[match]).float().to(device)
-        rows.match_targets = torch.from_numpy(np.asarray(targets, dtype=np.float32)).to(device)
+        rows.match_y = torch.from_numpy(train.y[match]).long().to(device)
+        rows.match_margins = margins(torch.from_numpy(np.asarray(targets, dtype=np.float32)), rows.match_y.cpu()).to(
+            device)
     return rows

@@ -2,7 +2,7 @@
 as an artifact of the job that fitted it, `attribution-<key>.safetensors`, where key hashes the model's weights, the
 training rows and the number of subset models. Later dmm jobs in the same project find it by that name in the ledger
 and only fine-tune: each deletion request after the first is cheap. It holds the tied datamodel's coefficients and
-TRAK's whitened gradient features with their fitted scale (datamodel.py, trak.py)."""
+TRAK's whitened gradient features and the margin model fitted with them (datamodel.py, trak.py)."""
 import hashlib
 import time
 from collections.abc import Callable
@@ -22,23 +22,29 @@ from workers.unlearning import datamodel, trak
 from workers.unlearning.ensemble import Order, Shared, train_many
 from workers.unlearning.oracles import seed_for
 
-FORMAT = "refinery-datamodel-2"
+FORMAT = "refinery-datamodel-3"
 
 
 @dataclass
 class Fitted:
-    coefficients: np.ndarray  # [N, 4, C], see datamodel.fit
+    coefficients: np.ndarray  # [N, 4, C], see datamodel.fit: deletions that remove a class
     whitened: np.ndarray  # [trak.MODELS, N, trak.DIM], see trak.gradient_features
     q: np.ndarray  # [N], 1 − p(correct) averaged over those models
-    pairwise_scale: float  # see datamodel.pairwise_scale
+    size: np.ndarray  # [N], see datamodel.fit_rows: deletions that keep every class
+    own: np.ndarray  # [N]
+    kappa: float
+    pairwise_scale: float
 
     def predicted_shift(self, labels: np.ndarray, forget: np.ndarray, num_classes: int) -> np.ndarray:
-        """What a retrain without `forget` would change in every training row's logits: [N, C]. TRAK's term is left
-        out when a whole class goes, as in its fit (datamodel.pairwise_scale)."""
-        pairwise = None
-        if not datamodel.drops_a_class(~forget[None], labels)[0]:
-            pairwise = self.pairwise_scale * trak.removal_effect(self.whitened, self.q, forget[None])[0]
-        return datamodel.predicted_shift(self.coefficients, labels, forget, num_classes, pairwise)
+        """What a retrain without `forget` would change in every training row's logits: [N, C]. The margin model's
+        change goes onto each row's own-class logit, which moves its margin by as much."""
+        if datamodel.drops_a_class(~forget[None], labels)[0]:
+            return datamodel.predicted_shift(self.coefficients, labels, forget, num_classes)
+        pairwise = self.pairwise_scale * trak.removal_effect(self.whitened, self.q, forget[None])[0]
+        margin = datamodel.predicted_margin_shift(self.size, self.own, self.kappa, labels, forget, pairwise)
+        shift = np.zeros((len(labels), num_classes), dtype=np.float32)
+        shift[np.arange(len(labels)), labels] = margin
+        return shift
 
 
 @dataclass
@@ -83,7 +89,8 @@ def get_attribution(run: JobRun, model: torch.nn.Module, shared: Shared, models:
         with safe_open(str(path), framework="np") as stored:
             meta = stored.metadata()
             fitted = Fitted(stored.get_tensor("coefficients"), stored.get_tensor("trak_whitened"),
-                            stored.get_tensor("trak_q"), float(meta["pairwise_scale"]))
+                            stored.get_tensor("trak_q"), stored.get_tensor("size"), stored.get_tensor("own"),
+                            float(meta["kappa"]), float(meta["pairwise_scale"]))
         if meta.get("key") == key and fitted.coefficients.shape[0] == len(shared.train):
             return Attribution(fitted, key, name, job_id, float(meta.get("seconds", 0)), models, True)
     fitted, seconds = fit_attribution(shared, models, watch)
@@ -93,11 +100,12 @@ def get_attribution(run: JobRun, model: torch.nn.Module, shared: Shared, models:
 
 def fit_attribution(shared: Shared, models: int, watch: Callable[[int], None]) -> tuple[Fitted, float]:
     """Train `models` subset models in helper processes (the first trak.MODELS that keep every class also give
-    gradient features) and fit the datamodel and TRAK's scale; returns (fitted, seconds)."""
+    gradient features) and fit both datamodels; returns (fitted, seconds)."""
     started = time.perf_counter()
     labels, num_classes = shared.train.y, len(shared.train.classes)
     masks = datamodel.subset_masks(labels, models, seed=0)
-    with_features = np.flatnonzero(~datamodel.drops_a_class(masks, labels))[:trak.MODELS]
+    every_class = ~datamodel.drops_a_class(masks, labels)
+    with_features = np.flatnonzero(every_class)[:trak.MODELS]
     orders = [Order("subset", seed_for("subset", 0, m), masks[m], trak.DIM if m in with_features else 0)
               for m in range(models)]
     trained = train_many(orders, replace(shared, algorithm=None), watch)
@@ -105,9 +113,11 @@ def fit_attribution(shared: Shared, models: int, watch: Callable[[int], None]) -
     coefficients = datamodel.fit(masks, labels, logits, num_classes)
     whitened = np.stack([trained[m].gradient_features[0] for m in with_features])
     q = np.mean([trained[m].gradient_features[1] for m in with_features], axis=0)
-    effects = trak.removal_effect(whitened, q, ~masks)
-    scale = datamodel.pairwise_scale(masks, labels, logits, coefficients, effects, num_classes)
-    return Fitted(coefficients, whitened, q.astype(np.float32), scale), time.perf_counter() - started
+    effects = trak.removal_effect(whitened, q, ~masks[every_class])
+    size, own, kappa, scale = datamodel.fit_rows(masks[every_class], labels, logits[every_class],
+                                                 trak.self_influence(whitened, q), q, effects)
+    fitted = Fitted(coefficients, whitened, q.astype(np.float32), size, own, kappa, scale)
+    return fitted, time.perf_counter() - started
 
 
 def _find(run: JobRun, name: str) -> tuple[str, str] | None:
@@ -119,9 +129,10 @@ def _find(run: JobRun, name: str) -> tuple[str, str] | None:
 
 
 def _store(run: JobRun, path: Path, fitted: Fitted, key: str, models: int, seconds: float) -> None:
-    tensors = {"coefficients": fitted.coefficients, "trak_whitened": fitted.whitened, "trak_q": fitted.q}
+    tensors = {"coefficients": fitted.coefficients, "trak_whitened": fitted.whitened, "trak_q": fitted.q,
+               "size": fitted.size, "own": fitted.own}
     save_file({name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in tensors.items()}, str(path),
               metadata={"format": FORMAT, "key": key, "models": str(models), "seconds": f"{seconds:.3f}",
                         "fitted_by": run.job_id, "features": "size,own_class_absent,logit_class_absent,row_kept",
-                        "pairwise_scale": repr(fitted.pairwise_scale)})
+                        "kappa": repr(fitted.kappa), "pairwise_scale": repr(fitted.pairwise_scale)})
     run.add_artifact(path)

@@ -1,16 +1,20 @@
-"""dmm's attribution: a linear datamodel (Ilyas et al., Datamodels: Predicting Predictions from Training Data) fitted
-on models trained on random subsets of the training rows, predicting each training row's logits from which rows a
-training set holds.
+"""dmm's attribution: linear datamodels (Ilyas et al., Datamodels: Predicting Predictions from Training Data) fitted
+on models trained on random subsets of the training rows, predicting how a training set's rows move each training
+row's outputs. Two, one per kind of deletion:
 
-The per-row coefficients are tied so a few dozen subset models determine them: for row x of class y and logit j,
+A deletion that removes a whole class (fit): per row x of class y and logit j, tied so a few dozen subset models
+determine the coefficients,
 
     f_j(x; S) ≈ a + b·|S|/N + e·[class y absent from S] + g·[class j ≠ y absent from S] + s·[x ∈ S]
 
-b is the effect of the training set's size (fewer rows, fewer optimizer steps), e and g the effects of a whole class
-vanishing (class forgetting), s the row's own effect (memorisation: what a retrain without x loses on x). Pairwise
-effects between particular rows (removing x's near neighbours) are TRAK's part (trak.py), added to the margin with a
-scale fitted here on the same subset models. The prediction for a forget set F is the original model's logits plus
-f(x; rows − F) − f(x; rows)."""
+b is the effect of the training set's size, e and g the effects of a whole class vanishing, s the row's own effect.
+
+A deletion that keeps every class (fit_rows): the margin, with the row's own effect predicted from TRAK's
+self-influence, the class mix of what is removed, and TRAK's pairwise effects (removing x's near neighbours lowers
+its margin more than removing as many random rows does, trak.py). This is the common request, and the model a
+retrain's margins are compared with (KLoM), so it is fitted in margin space.
+
+The prediction for a forget set F is the original model's outputs plus f(x; rows − F) − f(x; rows)."""
 import numpy as np
 import torch
 
@@ -84,30 +88,59 @@ def drops_a_class(masks: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.array([(np.bincount(labels[mask], minlength=len(present))[present] == 0).any() for mask in masks])
 
 
-def pairwise_scale(masks: np.ndarray, labels: np.ndarray, logits: np.ndarray, coefficients: np.ndarray,
-                   effects: np.ndarray, num_classes: int) -> float:
-    """The factor on TRAK's removal effects [M, N] (trak.removal_effect of each model's left-out rows): least squares
-    of what the tied fit leaves over in the subset models' margins. Models that drop a class are left out: removing a
-    whole class is far outside TRAK's linear regime, and the class features cover it."""
-    keep = ~drops_a_class(masks, labels)
-    residual = np.empty((int(keep.sum()), masks.shape[1]))
-    for start in range(0, masks.shape[1], CHUNK_ROWS):
-        rows = np.arange(start, min(start + CHUNK_ROWS, masks.shape[1]))
-        x = _features(masks, labels, num_classes, rows)
-        fitted = logits[:, rows].mean(axis=0) + np.einsum("mncf,nfc->mnc", x - x.mean(axis=0), coefficients[rows])
-        residual[:, rows] = margins(logits[keep][:, rows], labels[rows]) - margins(fitted[keep], labels[rows])
-    effects = effects[keep]
-    return float((residual * effects).sum() / max((effects * effects).sum(), 1e-12))
+# Rows left out of fewer subset models than this do not inform the fit of the own effect on self-influence.
+MIN_ABSENT = 3
 
 
-def predicted_shift(coefficients: np.ndarray, labels: np.ndarray, forget: np.ndarray, num_classes: int,
-                    pairwise: np.ndarray | None = None) -> np.ndarray:
-    """f(x; rows − F) − f(x; rows) for every training row: [N, C]. `pairwise` [N], the scaled TRAK margin change,
-    goes onto each row's own-class logit, which moves its margin by as much."""
+def fit_rows(masks: np.ndarray, labels: np.ndarray, logits: np.ndarray, self_influence: np.ndarray, q: np.ndarray,
+             effects: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """The margin model for deletions that keep every class, fitted on subset models that kept every class (masks
+    [M, N], logits [M, N, C], effects [M, N] = TRAK's removal effect of each model's left-out rows):
+
+        margin(x; S) ≈ a + size_x·|S|/N + own_x·[x ∈ S] + κ·(share of x's class in S − |S|/N) + scale·TRAK(x; S)
+
+    size_x is per row. own_x, a row's own effect, is read from the ~10% of models that left x out: too few for one
+    row, so it is predicted from TRAK's self-influence and q instead, fitted across all rows (on digits that cut the
+    forget rows' error against seed-paired retrains from 0.16 to 0.10). κ, the pull of the forget set's class mix,
+    and TRAK's scale are two numbers fitted on what is left. Returns (size [N], own [N], κ, scale)."""
+    y = margins(logits, labels)
+    share = masks.mean(axis=1, keepdims=True)
+    x = np.stack([np.broadcast_to(share, masks.shape), masks.astype(np.float64)], axis=-1)
+    x, y = x - x.mean(axis=0), y - y.mean(axis=0)
+    gram = np.einsum("mnf,mng->nfg", x, x)
+    diagonal = np.arange(2)
+    gram[:, diagonal, diagonal] = gram[:, diagonal, diagonal] * (1.0 + RIDGE) + 1e-9
+    solved = np.linalg.solve(gram, np.einsum("mnf,mn->nf", x, y)[..., None])[..., 0]
+    size = solved[:, 0]
+    predictors = np.stack([np.ones(len(labels)), self_influence, q], axis=1)
+    informed = (~masks).sum(axis=0) >= MIN_ABSENT
+    if informed.sum() < 10 * predictors.shape[1]:  # very few subset models: every row, however noisy
+        informed[:] = True
+    own = predictors @ np.linalg.lstsq(predictors[informed], solved[informed, 1], rcond=None)[0]
+    residual = y - size * x[..., 0] - own * x[..., 1]
+    mix = class_mix(masks, labels)
+    columns = np.stack([(mix - mix.mean(axis=0)).ravel(), effects.ravel()], axis=1)
+    kappa, scale = np.linalg.lstsq(columns, residual.ravel(), rcond=None)[0]
+    return size.astype(np.float32), own.astype(np.float32), float(kappa), float(scale)
+
+
+def class_mix(masks: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """[M, N]: the share of each row's class kept, less the share of all rows kept."""
+    kept = np.stack([np.bincount(labels[mask], minlength=labels.max() + 1) for mask in masks])
+    return kept[:, labels] / np.bincount(labels)[labels] - masks.mean(axis=1, keepdims=True)
+
+
+def predicted_margin_shift(size: np.ndarray, own: np.ndarray, kappa: float, labels: np.ndarray, forget: np.ndarray,
+                           pairwise: np.ndarray) -> np.ndarray:
+    """fit_rows' margin change of every training row when `forget` goes [N]; `pairwise` is the scaled TRAK effect."""
+    kept = (~forget)[None]
+    return (size * (kept.mean() - 1.0) - own * forget + kappa * class_mix(kept, labels)[0] + pairwise).astype(
+        np.float32)
+
+
+def predicted_shift(coefficients: np.ndarray, labels: np.ndarray, forget: np.ndarray, num_classes: int) -> np.ndarray:
+    """The tied model's f(x; rows − F) − f(x; rows) for every training row: [N, C]."""
     rows = np.arange(len(labels))
     after = _features((~forget)[None], labels, num_classes, rows)[0]
     before = _features(np.ones((1, len(labels)), dtype=bool), labels, num_classes, rows)[0]
-    shift = np.einsum("nfc,ncf->nc", coefficients, after - before)
-    if pairwise is not None:
-        shift[rows, labels] += pairwise
-    return shift.astype(np.float32)
+    return np.einsum("nfc,ncf->nc", coefficients, after - before).astype(np.float32)

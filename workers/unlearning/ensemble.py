@@ -26,8 +26,8 @@ CPU = torch.device("cpu")
 @dataclass(frozen=True)
 class Shared:
     """What every helper process needs, sent once per process. For the matching algorithms, `match` holds the
-    matched training rows and either `match_shift` (dmm: target = the model's own logits + shift) or
-    `match_targets` (oracle_matching: the same target logits for every model)."""
+    matched training rows and `match_shift` what a retrain changes in their logits: each model's target is its own
+    logits plus the shift (predicted by dmm's datamodel, measured on retrains by oracle_matching)."""
     train: Dataset
     test: Dataset
     forget: np.ndarray  # bool over training rows
@@ -37,7 +37,6 @@ class Shared:
     params: dict[str, Any] = field(default_factory=dict)
     match: np.ndarray | None = None
     match_shift: np.ndarray | None = None
-    match_targets: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -148,7 +147,7 @@ def _train_one(order: Order, s: Shared) -> Trained:
 
 
 def unlearn(model: torch.nn.Module, s: Shared, seed: int, budget: Deadline) -> torch.nn.Module:
-    targets = s.match_targets
+    targets = None
     if s.match is not None and s.match_shift is not None:
         targets = predict_logits(model, torch.from_numpy(s.train.x[s.match]).float()).numpy() + s.match_shift
     rows = make_rows(s.train, s.forget, s.test, CPU, s.match, targets)

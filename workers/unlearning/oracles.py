@@ -28,12 +28,20 @@ def groups(shared: Shared, forget_class: int | None) -> dict[str, tuple[str, np.
     return out
 
 
-def matching_targets(shared: Shared, oracles: int, job_seed: int, watch: Callable[[int], None]) -> np.ndarray:
-    """oracle_matching's targets: the mean logits of `oracles` models retrained on the retain set, on the matched
-    rows. Their seeds are apart from the evaluation oracles', so KLoM is not measured against what was matched."""
-    orders = [Order("oracle", seed_for("matching_oracle", job_seed, i)) for i in range(oracles)]
+def matching_shift(shared: Shared, pairs: int, job_seed: int, watch: Callable[[int], None]) -> np.ndarray:
+    """oracle_matching's shift on the matched rows: the mean of (oracle − original) logits over `pairs` seed-paired
+    models, each pair one seed, the oracle trained on the retain set and the original on every training row. Sharing
+    the seed (initialisation and batch order) makes the pair's difference far less noisy than either model: on
+    digits the pair's margin difference varied 0.19 across seeds against 0.25 for one model, and 8 pairs came within
+    0.055 (mean absolute, per row) of the shift 32 oracles and 32 originals measure, 16 unpaired oracles within 0.075.
+    The seeds are apart from the evaluation's, so KLoM is
+    not measured against what was matched."""
+    orders = [Order(role, seed_for("matching_oracle", job_seed, i)) for i in range(pairs)
+              for role in ("original", "oracle")]
     trained = train_many(orders, replace(shared, algorithm=None), watch)
-    return np.mean([t.train_logits[shared.match] for t in trained], axis=0)
+    logits = {role: np.stack([t.train_logits[shared.match] for t in trained if t.role == role])
+              for role in ("original", "oracle")}
+    return (logits["oracle"] - logits["original"]).mean(axis=0)
 
 
 def evaluate_with_oracles(shared: Shared, k: int, job_seed: int, forget_class: int | None,
