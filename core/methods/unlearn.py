@@ -149,10 +149,12 @@ METHOD = Method(
                                                  "student moves away from the frozen original on the forget set and "
                                                  "stays close to it on the retain set."),
         "dmm": Algorithm("dmm", DmmParams, "Datamodel matching (Georgiev et al., Attribute-to-Delete): a datamodel "
-                                           "predicts the retrained model's outputs, the model is fine-tuned to match "
-                                           "them. The datamodel is fitted once per trained model and reused."),
+                                           "predicts how a retrain would move each row's margin, the model is "
+                                           "fine-tuned to its own outputs moved by as much. The datamodel is fitted "
+                                           "once per trained model and reused."),
         "oracle_matching": Algorithm("oracle_matching", OracleMatchingParams,
-                                     "Diagnostic upper bound: fine-tune to match the mean outputs of models "
-                                     "retrained on the retain set."),
+                                     "Diagnostic upper bound: fine-tune to the model's own outputs plus the mean "
+                                     "change measured between models retrained on the retain set and originals "
+                                     "retrained with the same seeds."),
     },
 )
