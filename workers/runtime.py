@@ -76,6 +76,14 @@ class JobRun:
         """Seconds kept back from training for export, measurement and the report."""
         return min(20.0, 0.1 * self.max_seconds)
 
+    def budget_reached(self, stop: Stop, message: str) -> str:
+        """A loop ended by `stop`: a cancel goes on up; a spent budget is recorded as a `budget.exhausted` warning
+        (`message` says what is kept) and the recipe publishes what it has. Returns the stopped_by value, "budget"."""
+        if stop.reason == "cancelled":
+            raise stop
+        self.event("budget.exhausted", message, level="warning", used_seconds=round(self.used_seconds(), 2))
+        return "budget"
+
     def check(self, step: int | None = None) -> None:
         """Called every step: raises Stop when the job was cancelled or its budget is spent, LeaseLost if fenced."""
         if self._lease_lost.is_set():

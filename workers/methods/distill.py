@@ -221,11 +221,8 @@ class StudentDistillation:
             while self.epoch < self.epochs:
                 self._epoch(run, total_steps)
         except Stop as stop:
-            if stop.reason == "cancelled":
-                raise
-            stopped_by = "budget"
-            run.event("budget.exhausted", f"Budget reached after {self.epoch} full epochs; keeping the best student.",
-                      level="warning", used_seconds=round(run.used_seconds(), 2))
+            stopped_by = run.budget_reached(stop, f"Budget reached after {self.epoch} full epochs; keeping the best "
+                                            "student.")
         if self.best.state is None:
             raise JobFailure("budget_exhausted", "The budget ran out before the student finished one epoch; raise "
                              "budget.max_seconds or lower params.epochs.")
@@ -513,12 +510,8 @@ class DatasetDistillation:
                     self._log(run, losses)
                     losses = []
         except Stop as stop:
-            if stop.reason == "cancelled":
-                raise
-            stopped_by = "budget"
-            run.event("budget.exhausted", f"Budget reached after {self.iteration} of {p.iterations} iterations; "
-                      "keeping the synthetic set as it is.", level="warning",
-                      used_seconds=round(run.used_seconds(), 2))
+            stopped_by = run.budget_reached(stop, f"Budget reached after {self.iteration} of {p.iterations} "
+                                            "iterations; keeping the synthetic set as it is.")
         return self._publish(run, stopped_by)
 
     def _log(self, run: JobRun, losses: list[float]) -> None:

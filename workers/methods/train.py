@@ -91,12 +91,9 @@ class SupervisedTraining:
                     run.event("train.plateau", f"No validation gain for {p.patience} epochs; stopping.")
                     break
         except Stop as stop:
-            if stop.reason == "cancelled":
-                raise
+            stopped_by = run.budget_reached(stop, f"Budget reached after {self.epoch} full epochs; keeping the best "
+                                            "model.")
             self.step = stop.step if stop.step is not None else self.step
-            stopped_by = "budget"
-            run.event("budget.exhausted", f"Budget reached after {self.epoch} full epochs; keeping the best model.",
-                      level="warning", used_seconds=round(run.used_seconds(), 2))
         if self.best_state is None:
             raise JobFailure("budget_exhausted", "The budget ran out before one epoch finished, so there is no model "
                              "to keep; raise budget.max_seconds or lower the data size.")

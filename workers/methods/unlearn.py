@@ -18,7 +18,15 @@ from workers.models import default_arch
 from workers.outputs import publish_model
 from workers.runtime import JobRun, Stop
 from workers.training import pick_device
-from workers.unlearning.algorithms import MATCHING, PARAMS, build_loop, make_rows, match_rows, retrain_params
+from workers.unlearning.algorithms import (
+    MATCHING,
+    PARAMS,
+    build_loop,
+    make_rows,
+    match_rows,
+    matching_targets,
+    retrain_params,
+)
 from workers.unlearning.attribution import Attribution, get_attribution
 from workers.unlearning.ensemble import Shared
 from workers.unlearning.fitting import Fitting, fresh_model
@@ -132,7 +140,7 @@ class Unlearning:
         except Stop as stop:
             self._budget_failure(stop, "preparing the matching targets")
         self.shared = replace(self.shared, match=match, match_shift=shift)
-        targets = predict_logits(self.original, torch.from_numpy(d.train.x[match]).float()).numpy() + shift
+        targets = matching_targets(self.original, d.train, match, shift)
         self.rows = make_rows(d.train, d.forget, d.test, self.device, match, targets)
 
     def _attribution(self, run: JobRun, shared: Shared, models: int) -> Attribution:
@@ -168,9 +176,8 @@ class Unlearning:
         except Stop as stop:
             if stop.reason == "cancelled" or self.algorithm != "retrain" or self.epoch == 0:
                 self._budget_failure(stop, "unlearning")
-            run.event("budget.exhausted", f"Budget reached after {self.epoch} retrain epochs; keeping the best model "
-                      "(it never saw the forget set).", level="warning")
-            return "budget"
+            return run.budget_reached(stop, f"Budget reached after {self.epoch} retrain epochs; keeping the best "
+                                      "model (it never saw the forget set).")
         run.event("unlearn.finished", f"{self.algorithm}: {self.epoch} epochs, {self.step} steps.",
                   epochs=self.epoch, steps=self.step)
         return "completed"

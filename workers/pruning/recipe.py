@@ -259,12 +259,8 @@ class PruningJob:
             while self.stage_index < len(self.plan):
                 self._run_stage(run)
         except Stop as stop:
-            if stop.reason == "cancelled":
-                raise
-            stopped_by = "budget"
-            run.event("budget.exhausted", f"Budget reached in stage {self.stage_index + 1}/{len(self.plan)}; "
-                      "keeping the last acceptable model.", level="warning",
-                      used_seconds=round(run.used_seconds(), 2))
+            stopped_by = run.budget_reached(stop, f"Budget reached in stage {self.stage_index + 1}/{len(self.plan)}; "
+                                            "keeping the last acceptable model.")
         return self._finish(run, stopped_by)
 
     def _run_stage(self, run: JobRun) -> None:

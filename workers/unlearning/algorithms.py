@@ -19,6 +19,7 @@ from core.methods.unlearn import (
 )
 from workers.checkpoints import optimizer_tensors, restore_optimizer
 from workers.data import Dataset
+from workers.evaluation import predict_logits
 from workers.models import Classifier
 from workers.training import auto_batch_size, lr_factor, make_optimizer, set_lr, train_one_epoch
 from workers.unlearning.fitting import Budget, Fitting, Recipe, fresh_model
@@ -241,6 +242,11 @@ def match_rows(forget: np.ndarray, retain_multiple: int, seed: int) -> np.ndarra
     count = min(len(retain_rows), retain_multiple * len(forget_rows))
     sample = np.random.default_rng(seed).choice(retain_rows, count, replace=False)
     return np.sort(np.concatenate([forget_rows, sample]))
+
+
+def matching_targets(model: torch.nn.Module, train: Dataset, match: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """The matched rows' target logits: `model`'s own plus the shift a retrain would make."""
+    return predict_logits(model, torch.from_numpy(train.x[match]).float()).numpy() + shift
 
 
 def make_rows(train: Dataset, forget: np.ndarray, test: Dataset, device: torch.device,

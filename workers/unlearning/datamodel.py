@@ -68,18 +68,21 @@ def fit(masks: np.ndarray, labels: np.ndarray, logits: np.ndarray, num_classes: 
     for start in range(0, masks.shape[1], CHUNK_ROWS):
         rows = np.arange(start, min(start + CHUNK_ROWS, masks.shape[1]))
         x = _features(masks, labels, num_classes, rows)
-        x = x - x.mean(axis=0)
-        y = logits[:, rows].astype(np.float64)
-        y = y - y.mean(axis=0)
-        gram = np.einsum("mncf,mncg->ncfg", x, x)
-        # Relative damping keeps each feature's scale; the absolute term makes a feature that never varies (a class
-        # no subset model dropped) solvable, with coefficient 0.
-        diagonal = np.arange(FEATURES)
-        gram[..., diagonal, diagonal] = gram[..., diagonal, diagonal] * (1.0 + RIDGE) + 1e-9
-        rhs = np.einsum("mncf,mnc->ncf", x, y)
-        solved = torch.linalg.solve(torch.from_numpy(gram), torch.from_numpy(rhs)[..., None])[..., 0].numpy()
-        coefficients[rows] = solved.transpose(0, 2, 1)
+        coefficients[rows] = _least_squares(x, logits[:, rows].astype(np.float64)).transpose(0, 2, 1)
     return coefficients
+
+
+def _least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Damped least squares over the subset models (axis 0), one fit per remaining index, on centred features:
+    x [M, ..., F], y [M, ...] → [..., F]. Relative damping keeps each feature's scale; the absolute term makes a
+    feature that never varies (a class no subset model dropped, a row no model left out) solvable, with
+    coefficient 0."""
+    x, y = x - x.mean(axis=0), y - y.mean(axis=0)
+    gram = np.einsum("m...f,m...g->...fg", x, x)
+    diagonal = np.arange(x.shape[-1])
+    gram[..., diagonal, diagonal] = gram[..., diagonal, diagonal] * (1.0 + RIDGE) + 1e-9
+    rhs = np.einsum("m...f,m...->...f", x, y)
+    return torch.linalg.solve(torch.from_numpy(gram), torch.from_numpy(rhs)[..., None])[..., 0].numpy()
 
 
 def drops_a_class(masks: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -106,17 +109,14 @@ def fit_rows(masks: np.ndarray, labels: np.ndarray, logits: np.ndarray, self_inf
     y = margins(logits, labels)
     share = masks.mean(axis=1, keepdims=True)
     x = np.stack([np.broadcast_to(share, masks.shape), masks.astype(np.float64)], axis=-1)
-    x, y = x - x.mean(axis=0), y - y.mean(axis=0)
-    gram = np.einsum("mnf,mng->nfg", x, x)
-    diagonal = np.arange(2)
-    gram[:, diagonal, diagonal] = gram[:, diagonal, diagonal] * (1.0 + RIDGE) + 1e-9
-    solved = np.linalg.solve(gram, np.einsum("mnf,mn->nf", x, y)[..., None])[..., 0]
+    solved = _least_squares(x, y)
     size = solved[:, 0]
     predictors = np.stack([np.ones(len(labels)), self_influence, q], axis=1)
     informed = (~masks).sum(axis=0) >= MIN_ABSENT
     if informed.sum() < 10 * predictors.shape[1]:  # very few subset models: every row, however noisy
         informed[:] = True
     own = predictors @ np.linalg.lstsq(predictors[informed], solved[informed, 1], rcond=None)[0]
+    x, y = x - x.mean(axis=0), y - y.mean(axis=0)
     residual = y - size * x[..., 0] - own * x[..., 1]
     mix = class_mix(masks, labels)
     columns = np.stack([(mix - mix.mean(axis=0)).ravel(), effects.ravel()], axis=1)

@@ -17,7 +17,7 @@ from workers.errors import JobFailure
 from workers.evaluation import predict_logits
 from workers.runtime import Stop
 from workers.unlearning import trak
-from workers.unlearning.algorithms import PARAMS, build_loop, make_rows
+from workers.unlearning.algorithms import PARAMS, build_loop, make_rows, matching_targets
 from workers.unlearning.fitting import Deadline, Fitting, Recipe, fresh_model, run_to_end
 
 CPU = torch.device("cpu")
@@ -149,7 +149,7 @@ def _train_one(order: Order, s: Shared) -> Trained:
 def unlearn(model: torch.nn.Module, s: Shared, seed: int, budget: Deadline) -> torch.nn.Module:
     targets = None
     if s.match is not None and s.match_shift is not None:
-        targets = predict_logits(model, torch.from_numpy(s.train.x[s.match]).float()).numpy() + s.match_shift
+        targets = matching_targets(model, s.train, s.match, s.match_shift)
     rows = make_rows(s.train, s.forget, s.test, CPU, s.match, targets)
     params = PARAMS[s.algorithm].model_validate(s.params)
     return run_to_end(build_loop(s.algorithm, params, model, s.recipe, rows, seed), budget)
