@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -102,3 +103,42 @@ def wait_job(base: str, headers: dict, job_id: str, timeout: float = 900) -> dic
             return job
         time.sleep(0.2)
     raise TimeoutError(job_id)
+
+
+class Canary:
+    """Loopback listeners on one port, one per host, counting every connection they accept: a refused URI must
+    leave the count at zero. The first host must bind; a later one that cannot (no IPv6 loopback) is left out."""
+
+    def __init__(self, *hosts: str):
+        self.connections, self.port, self.sockets = 0, 0, []
+        for host in hosts:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            try:
+                sock = socket.create_server((host, self.port), family=family)
+            except OSError:
+                if not self.sockets:
+                    raise
+                continue
+            sock.settimeout(0.05)
+            self.port = sock.getsockname()[1]
+            self.sockets.append(sock)
+        self.running = True
+        self.threads = [threading.Thread(target=self._serve, args=(sock,), daemon=True) for sock in self.sockets]
+        for thread in self.threads:
+            thread.start()
+
+    def _serve(self, sock: socket.socket) -> None:
+        while self.running:
+            try:
+                conn, _ = sock.accept()
+            except OSError:  # the accept timeout (TimeoutError is an OSError) or a closed socket
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.running = False
+        for thread in self.threads:
+            thread.join()
+        for sock in self.sockets:
+            sock.close()

@@ -11,12 +11,10 @@ import json
 import os
 import pickle
 import re
-import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 import zipfile
 from pathlib import Path
@@ -24,34 +22,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench.common import RESULTS, Served, served
+from bench.common import RESULTS, Canary, Served, served
 from core.ids import new_id
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-class Canary:
-    """Listens on 127.0.0.1 and ::1 at one port and counts every connection made to it."""
-
-    def __init__(self):
-        self.connections = 0
-        self.sockets = [socket.create_server(("127.0.0.1", 0))]
-        self.port = self.sockets[0].getsockname()[1]
-        try:
-            self.sockets.append(socket.create_server(("::1", self.port), family=socket.AF_INET6))
-        except OSError:
-            pass  # no IPv6 loopback here: the v6 URIs are still tried
-        for server in self.sockets:
-            threading.Thread(target=self._accept, args=(server,), daemon=True).start()
-
-    def _accept(self, server: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            self.connections += 1
-            conn.close()
 
 
 class Payload:
@@ -165,7 +139,7 @@ def main() -> None:
     (root / "link-out").symlink_to("/etc")
     outside = Path(tempfile.mkdtemp(prefix="refinery-outside-"))
     markers = [outside / f"pwned-{i}" for i in range(3)]
-    canary = Canary()
+    canary = Canary("127.0.0.1", "::1")
     env = {"REFINERY_DATA_ROOTS": str(root), "REFINERY_MAX_UPLOAD_BYTES": str(50 * 2**20),
            "REFINERY_RATE_LIMIT_PER_MINUTE": "1200"}
     with served(env, home) as platform:
@@ -223,6 +197,7 @@ def main() -> None:
                                                                             f"Retry-After {sorted(retry_after)}")
                       if throttled and None not in retry_after else ("succeeded", ""))
         log = platform.worker_logs()
+    canary.close()
     escaped = sorted(str(p) for p in outside.rglob("*"))
     summary = {"tried": len(attack.rows), "blocked": sum(r["blocked"] for r in attack.rows),
                "canary_connections": canary.connections, "payload_markers_created": sum(m.exists() for m in markers),

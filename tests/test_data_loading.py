@@ -26,6 +26,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 from sklearn.datasets import load_iris
 
+from bench.common import Canary
 from core.settings import Settings
 from core.storage import ArtifactStore
 from workers.data import Dataset, archives, fetch, load_dataset, split_validation
@@ -726,36 +727,6 @@ def test_remote_objects_are_copied_through_fsspec(tmp_path):
 
 
 # ---------------------------------------------------------------- https:// and SSRF
-
-
-class Canary:
-    """A loopback listener counting every connection it accepts: a refused URI must leave it at zero."""
-
-    def __init__(self, host: str):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.bind((host, 0))
-        self.sock.listen()
-        self.sock.settimeout(0.05)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        self.running = True
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while self.running:
-            try:
-                conn, _ = self.sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            self.connections += 1
-            conn.close()
-
-    def close(self) -> None:
-        self.running = False
-        self.thread.join()
-        self.sock.close()
 
 
 @pytest.fixture
