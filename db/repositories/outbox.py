@@ -1,7 +1,7 @@
 """The outbox: publish requests written with the job, marked when the broker has taken them."""
 import time
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, OutboxMessage
@@ -23,13 +23,16 @@ def stale_queued_jobs(session: Session, now: float, every: float, cap: float, li
     """Queued jobs whose message may be lost (broker restarted, publisher crashed): never published, or published
     long enough ago. The wait doubles with each publish (every, 2·every, 4·every … up to cap), so a long queue of
     jobs waiting for busy workers does not fill the broker with duplicates."""
-    rows = session.execute(
-        select(Job.id, Job.last_dispatched_at, Job.dispatches)
-        .where(Job.status == "queued", Job.last_dispatched_at.is_(None) | (Job.last_dispatched_at < now - every))
-        .order_by(Job.last_dispatched_at.is_not(None), Job.last_dispatched_at).limit(10 * limit))
-    due = [job_id for job_id, last, dispatches in rows
-           if last is None or now - last >= min(cap, every * 2 ** max(0, dispatches - 1))]
-    return due[:limit]
+    # The doubling as a CASE over the publish count: portable SQL (SQLite has no power()), a handful of steps.
+    steps, wait = [], every
+    while wait < cap:
+        steps.append((Job.dispatches <= len(steps) + 1, wait))
+        wait *= 2
+    due_after = case(*steps, else_=cap) if steps else every
+    return list(session.scalars(
+        select(Job.id)
+        .where(Job.status == "queued", Job.last_dispatched_at.is_(None) | (Job.last_dispatched_at <= now - due_after))
+        .order_by(Job.last_dispatched_at.is_not(None), Job.last_dispatched_at).limit(limit)))
 
 
 def queue_depth(session: Session) -> int:
