@@ -2,8 +2,10 @@
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.netguard import parse_networks
 
 
 class Settings(BaseSettings):
@@ -44,8 +46,20 @@ class Settings(BaseSettings):
     https_timeout_seconds: float = 60.0
     https_max_bytes: int = 1024 * 1024 * 1024
 
+    # Private ranges (comma-separated CIDRs) that webhooks and MLflow export may reach anyway, for receivers inside
+    # the operator's network; everything else must resolve to a public address. Dataset downloads stay public-only.
+    outbound_allowed_networks: str = ""
+    # The dashboard and webhook links point here (what `refinery open` prints); empty means http://127.0.0.1:<port>.
+    public_url: str = ""
+
     torch_threads: int = 1
     device: str = "auto"  # cpu | cuda | auto (cuda when available)
+
+    @field_validator("outbound_allowed_networks")
+    @classmethod
+    def _networks_parse(cls, value: str) -> str:
+        parse_networks(value)  # a bad CIDR stops the process at start, naming the entry
+        return value
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> "Settings":
@@ -57,6 +71,10 @@ class Settings(BaseSettings):
         if not self.storage_url:
             self.storage_url = f"file://{self.home / 'store'}"
         return self
+
+    @property
+    def outbound_networks(self) -> list:
+        return parse_networks(self.outbound_allowed_networks)
 
     @property
     def embedded(self) -> bool:

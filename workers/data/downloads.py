@@ -1,7 +1,5 @@
 """`https://` downloads that cannot be turned against the worker's own network (SSRF): every hop's addresses are
 checked after DNS resolution, the checked address is the one connected to, and the body is streamed under a cap."""
-import ipaddress
-import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -10,34 +8,12 @@ from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import httpx
 
+from core.netguard import AddressRefused, IPAddress, is_public_address, resolve_checked
 from workers.errors import JobFailure
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = {301, 302, 303, 307, 308}
 CHUNK = 1024 * 1024
-NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
-IPV4_COMPATIBLE_PREFIX = ipaddress.ip_network("::/96")
-
-
-def is_public_address(ip: IPAddress) -> bool:
-    """True when `ip`, and any IPv4 address embedded in it, is globally routable: not loopback, private,
-    link-local (169.254.169.254, the cloud metadata service), unique-local, multicast, reserved or unspecified."""
-    return all(
-        candidate.is_global and not (candidate.is_multicast or candidate.is_reserved or candidate.is_unspecified)
-        for candidate in (ip, *_embedded_ipv4(ip))
-    )
-
-
-def _embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
-    """IPv4 addresses an IPv6 address tunnels to (::ffff:127.0.0.1 reaches 127.0.0.1), so that they are checked too."""
-    if ip.version == 4:
-        return []
-    embedded = [ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())]
-    if ip in NAT64_PREFIX or ip in IPV4_COMPATIBLE_PREFIX:
-        embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-    return [address for address in embedded if address is not None]
 
 
 def download_https(
@@ -94,22 +70,12 @@ def _checked_https_url(url: str, original: str) -> SplitResult:
 def _resolve_checked(
     parts: SplitResult, original: str, address_allowed: Callable[[IPAddress], bool]
 ) -> IPAddress:
-    """Resolve the host and refuse it unless every address it resolves to is allowed: a name that resolves to one
-    public and one private address could otherwise be made to connect to the private one."""
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise JobFailure("download_failed", f"{original}: cannot resolve host {parts.hostname!r} ({exc})") from None
-    # Scoped IPv6 addresses come back as "fe80::1%eth0"; the scope is not part of the address.
-    addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
-    refused = [str(address) for address in addresses if not address_allowed(address)]
-    if refused or not addresses:
-        raise JobFailure(
-            "uri_forbidden",
-            f"{original}: host {parts.hostname!r} resolves to {', '.join(refused) or 'nothing'}, which is not a "
-            "public internet address; datasets can be downloaded only from public https servers",
-        )
-    return addresses[0]
+        return resolve_checked(parts.hostname, parts.port or 443, address_allowed)[0]
+    except AddressRefused as exc:
+        code = "download_failed" if "cannot resolve" in str(exc) else "uri_forbidden"
+        suffix = "" if code == "download_failed" else "; datasets can be downloaded only from public https servers"
+        raise JobFailure(code, f"{original}: {exc}{suffix}") from None
 
 
 def _get_to_file(
