@@ -16,6 +16,7 @@ from api.health.router import router as health_router
 from api.jobs.router import router as jobs_router
 from api.limits import AdmissionGate, BodySizeLimit
 from api.methods.router import router as methods_router
+from api.ui.router import mount as mount_ui
 from core.settings import get_settings
 from db import sweeper
 
@@ -52,6 +53,7 @@ def create_app() -> FastAPI:
     install_handlers(app)
     for router in (health_router, jobs_router, artifacts_router, files_router, methods_router):
         app.include_router(router)
+    mount_ui(app)
     # Multipart overhead on top of the file itself is small; 1 MiB of slack keeps a file at the limit uploadable.
     app.add_middleware(BodySizeLimit, max_bytes_for=lambda: get_settings().max_upload_bytes + 1024 * 1024)
     app.add_middleware(AdmissionGate, limit=get_settings().api_concurrency)

@@ -1,0 +1,1 @@
+"""The web dashboard at /ui: pages, their partials and static files (see router.py)."""
