@@ -13,6 +13,7 @@ from api.errors import install_handlers
 from api.files.router import router as files_router
 from api.health.router import register_collector
 from api.health.router import router as health_router
+from api.integrations.router import router as integrations_router
 from api.jobs.router import router as jobs_router
 from api.limits import AdmissionGate, BodySizeLimit
 from api.methods.router import router as methods_router
@@ -51,7 +52,8 @@ def create_app() -> FastAPI:
     app = FastAPI(title="Refinery", version="1.0.0", lifespan=lifespan,
                   description="Training-as-a-service for model compression and machine unlearning.")
     install_handlers(app)
-    for router in (health_router, jobs_router, artifacts_router, files_router, methods_router):
+    for router in (health_router, jobs_router, artifacts_router, files_router, methods_router,
+                   integrations_router):
         app.include_router(router)
     mount_ui(app)
     # Multipart overhead on top of the file itself is small; 1 MiB of slack keeps a file at the limit uploadable.

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from client.sdk import TERMINAL, Refinery, RefineryError
 
@@ -73,6 +74,45 @@ def cmd_download(args) -> int:
 def cmd_upload(args) -> int:
     console.print(_client(args).upload(args.path, args.purpose)["id"])
     return 0
+
+
+def cmd_export(args) -> int:
+    export = _client(args).export_mlflow(args.job_id, args.tracking_uri, args.experiment, args.run_name,
+                                         idempotency_key=args.idempotency_key)
+    console.print_json(data=export)
+    return 0
+
+
+def cmd_open(args) -> int:
+    client = _client(args)
+    client.job(args.job_id)  # a 404 for a job that is not there (or not this key's), rather than a dead link
+    url = client.dashboard_url(args.job_id, args.public_url)
+    print(url)
+    if args.browser:
+        import webbrowser
+        webbrowser.open(url)
+    return 0
+
+
+LEVEL_STYLES = {"debug": "dim", "info": "cyan", "warning": "yellow", "error": "bold red"}
+
+
+def cmd_logs(args) -> int:
+    """A job's events, one line each (time, level, type, message). --follow streams them (server-sent events)
+    until the job finishes and exits like `wait`: 0 when it succeeded."""
+    client = _client(args)
+    for event in client.events(args.job_id, follow=args.follow):
+        stamp = time.strftime("%H:%M:%S", time.localtime(event["created_at"]))
+        style = LEVEL_STYLES.get(event["level"], "")
+        # Text, not markup: messages hold brackets ("inputs [1, 8, 8]") that rich would read as styles.
+        line = Text.assemble((stamp, "dim"), " ", (f"{event['level']:<7}", style), " ", (event["type"], "bold"),
+                             " ", (event["message"], "dim" if event["level"] == "debug" else ""))
+        console.print(line, soft_wrap=True)
+    if not args.follow:
+        return 0
+    status = client.job(args.job_id)["status"]
+    console.print(Text.assemble("job ", (status, "green" if status == "succeeded" else "red")), soft_wrap=True)
+    return 0 if status == "succeeded" else 1
 
 
 def cmd_serve(args) -> int:
@@ -159,6 +199,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--purpose", default="dataset", choices=["dataset", "model"])
     p.set_defaults(func=cmd_upload)
+    p = sub.add_parser("export", help="export a finished job to another system")
+    targets = p.add_subparsers(dest="export_target", required=True)
+    e = targets.add_parser("mlflow", help="log the job to an MLflow tracking server as a run")
+    e.add_argument("job_id")
+    e.add_argument("--tracking-uri", required=True, help="e.g. http://mlflow.internal:5000")
+    e.add_argument("--experiment", help="experiment name (created if missing); default refinery")
+    e.add_argument("--run-name", help="default: the job id")
+    e.add_argument("--idempotency-key")
+    e.set_defaults(func=cmd_export)
+    p = sub.add_parser("open", help="print the job's dashboard URL")
+    p.add_argument("job_id")
+    p.add_argument("--public-url", default=os.environ.get("REFINERY_PUBLIC_URL"),
+                   help="where people reach the server, if not --base-url (default $REFINERY_PUBLIC_URL)")
+    p.add_argument("--browser", action="store_true", help="also open it in a web browser")
+    p.set_defaults(func=cmd_open)
+    p = sub.add_parser("logs", help="a job's events; --follow streams them until the job ends")
+    p.add_argument("job_id")
+    p.add_argument("--follow", "-f", action="store_true")
+    p.set_defaults(func=cmd_logs)
+
 
     p = sub.add_parser("serve", help="run the embedded platform (API + worker, SQLite, local broker and store)")
     p.set_defaults(func=cmd_serve)

@@ -130,3 +130,22 @@ class Refinery:
 
     def methods(self) -> list[dict[str, Any]]:
         return self._check(self.http.get("/v1/methods"))["data"]
+
+    # integrations and the dashboard
+    def export_mlflow(self, job_id: str, tracking_uri: str, experiment_name: str | None = None,
+                      run_name: str | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
+        """Log a finished job to an MLflow tracking server as a new run; returns {"experiment_id", "run_id",
+        "run_url", "artifacts", …}. The server must reach `tracking_uri` (a private address only where the operator
+        allows its range)."""
+        body: dict[str, Any] = {"tracking_uri": tracking_uri}
+        if experiment_name is not None:
+            body["experiment_name"] = experiment_name
+        if run_name is not None:
+            body["run_name"] = run_name
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._check(self.http.post(f"/v1/jobs/{job_id}/export/mlflow", json=body, headers=headers))
+
+    def dashboard_url(self, job_id: str, public_url: str | None = None) -> str:
+        """The job's page in the web dashboard: under `public_url` (the server's REFINERY_PUBLIC_URL, where people
+        reach it) or else this client's base URL."""
+        return f"{(public_url or str(self.http.base_url)).rstrip('/')}/ui/jobs/{job_id}"

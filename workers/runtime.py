@@ -63,6 +63,9 @@ class JobRun:
         self._lease_lost = threading.Event()
         self._stop_heartbeat = threading.Event()
         self._last_checkpoint = time.monotonic()
+        self._samples = 0  # training samples processed by this attempt (written by the loop, read by the heartbeat)
+        self._rate_mark = (time.monotonic(), 0)
+        self._samples_per_second: float | None = None
         self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{job.id}", daemon=True)
 
     # --- time and stopping -------------------------------------------------------------------------------------
@@ -162,8 +165,27 @@ class JobRun:
                           "eta_seconds": round(eta, 1) if eta is not None else None, **extra,
                           "_start_fraction": self._progress.get("_start_fraction", fraction)}
 
+    def count_samples(self, n: int) -> None:
+        """Called by the training loop after each optimizer step with the batch size."""
+        self._samples += n
+
+    def samples_per_second(self) -> float | None:
+        """Training throughput over the interval since the previous reading (at least 1 s, so one heartbeat apart):
+        current, not an average since the start, and 0 while the job evaluates or exports. None before the first
+        training step."""
+        now = time.monotonic()
+        since, samples_then = self._rate_mark
+        if now - since >= 1.0:
+            samples = self._samples
+            if samples or self._samples_per_second is not None:
+                self._samples_per_second = round((samples - samples_then) / (now - since), 1)
+            self._rate_mark = (now, samples)
+        return self._samples_per_second
+
     def public_progress(self) -> dict[str, Any]:
-        return {k: v for k, v in self._progress.items() if not k.startswith("_")}
+        rate = self.samples_per_second()
+        return {**{k: v for k, v in self._progress.items() if not k.startswith("_")},
+                **({"samples_per_second": rate} if rate is not None else {})}
 
     # --- checkpoints -------------------------------------------------------------------------------------------
     def _checkpoint_key(self, name: str) -> str:

@@ -22,6 +22,10 @@ def list_events(session: Session, job_id: str, *, after_seq: int, limit: int) ->
     return rows[:limit], len(rows) > limit
 
 
+def get_event(session: Session, seq: int) -> JobEvent | None:
+    return session.get(JobEvent, seq)
+
+
 def add_metrics(session: Session, job_id: str, step: int, values: dict[str, float]) -> None:
     now = time.time()
     session.add_all(MetricPoint(job_id=job_id, name=name, step=step, value=float(value), created_at=now)

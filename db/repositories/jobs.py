@@ -5,7 +5,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Job, OutboxMessage
+from db.models import Job, JobEvent, OutboxMessage
 
 
 def insert_job(session: Session, job: Job) -> Job:
@@ -70,3 +70,34 @@ def finished_durations(session: Session, since: float) -> list[tuple[str, float]
 
 def public_progress(job: Job) -> dict[str, Any]:
     return {"fraction": 0.0, "step": 0, "total_steps": None, "eta_seconds": None, **(job.progress or {})}
+
+
+def count_by_method_and_status(session: Session) -> dict[tuple[str, str], int]:
+    rows = session.execute(select(Job.method, Job.status, func.count()).group_by(Job.method, Job.status))
+    return {(method, status): count for method, status, count in rows}
+
+
+def dispatch_waits(session: Session, since: float) -> list[tuple[str, float]]:
+    """(method, seconds an attempt waited from queued to claimed), for the attempts of jobs claimed since `since`.
+    An attempt is queued at its job's `job.created` event (attempt 1) or its `job.requeued` event (later attempts:
+    the reaper writes it with the new attempt number) and claimed at its `job.started` event, which the worker
+    writes right after its claim commits. `jobs.started_at` alone would hold only the newest attempt's claim."""
+    rows = session.execute(
+        select(Job.method, JobEvent.job_id, JobEvent.attempt, JobEvent.type, JobEvent.created_at)
+        .join(Job, Job.id == JobEvent.job_id)
+        .where(Job.started_at >= since, JobEvent.type.in_(("job.created", "job.requeued", "job.started"))))
+    queued: dict[tuple[str, int], float] = {}
+    claimed: dict[tuple[str, int], tuple[str, float]] = {}
+    for method, job_id, attempt, type_, at in rows:
+        if type_ == "job.started":
+            previous = claimed.get((job_id, attempt))
+            claimed[(job_id, attempt)] = (method, min(at, previous[1]) if previous else at)
+        else:
+            queued[(job_id, attempt)] = min(at, queued.get((job_id, attempt), at))
+    return [(method, max(0.0, at - queued[key])) for key, (method, at) in claimed.items() if key in queued]
+
+
+def running_progress(session: Session) -> list[tuple[str, str, dict]]:
+    """(job id, method, progress) of the running jobs, as their workers' heartbeats last wrote it."""
+    return [(job_id, method, progress or {}) for job_id, method, progress in
+            session.execute(select(Job.id, Job.method, Job.progress).where(Job.status == "running"))]
