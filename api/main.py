@@ -18,6 +18,8 @@ from api.jobs.router import router as jobs_router
 from api.limits import AdmissionGate, BodySizeLimit
 from api.methods.router import router as methods_router
 from api.ui.router import mount as mount_ui
+from api.webhooks import sender as webhook_sender
+from api.webhooks.router import router as webhooks_router
 from core.settings import get_settings
 from db import sweeper
 
@@ -40,11 +42,13 @@ async def lifespan(_: FastAPI):
     settings = get_settings()
     threading.Thread(target=_bootstrap_when_the_database_answers, args=(settings,), daemon=True).start()
     register_collector()
-    stop = None
+    stops = []
     if settings.run_sweeper:
-        _, stop = sweeper.start_thread(settings)
+        stops.append(sweeper.start_thread(settings)[1])
+    if settings.run_webhook_sender:
+        stops.append(webhook_sender.start_thread(settings)[1])
     yield
-    if stop is not None:
+    for stop in stops:
         stop.set()
 
 
@@ -52,7 +56,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="Refinery", version="1.0.0", lifespan=lifespan,
                   description="Training-as-a-service for model compression and machine unlearning.")
     install_handlers(app)
-    for router in (health_router, jobs_router, artifacts_router, files_router, methods_router,
+    for router in (health_router, jobs_router, artifacts_router, files_router, methods_router, webhooks_router,
                    integrations_router):
         app.include_router(router)
     mount_ui(app)

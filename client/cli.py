@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -165,6 +166,49 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def cmd_webhooks(args) -> int:
+    client = _client(args)
+    if args.webhooks_command == "create":
+        hook = client.create_webhook(args.url, args.event or None, args.description)
+        console.print(f"Created {hook['id']} for {hook['url']} ({', '.join(hook['event_types'])}). "
+                      "Store its signing secret now; it is not shown again:")
+        print(hook["secret"])
+    elif args.webhooks_command == "list":
+        table = Table("status", "description")
+        table.add_column("url", overflow="fold")  # whole, if folded: it is what tells endpoints apart
+        table.add_column("events", overflow="fold")
+        table.add_column("id", no_wrap=True, min_width=29)
+        for hook in client.webhooks():
+            table.add_row(hook["status"], hook["description"] or "", hook["url"], ", ".join(hook["event_types"]),
+                          hook["id"])
+        console.print(table)
+    else:
+        # Borderless, so the whole table fits 80 columns; errors follow it, one line each.
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        table.add_column("id", no_wrap=True, min_width=30)
+        for name, width in (("event", 13), ("status", 9), ("tries", 5), ("http", 4), ("ms", 5)):
+            table.add_column(name, no_wrap=True, min_width=width)
+        errors = []
+        for i, d in enumerate(client.webhook_deliveries(args.webhook_id)):
+            if i >= args.limit:
+                break
+            table.add_row(d["id"], d["event_type"], d["status"], str(d["attempts"]), str(d["last_status_code"] or ""),
+                          "" if d["last_latency_ms"] is None else f"{d['last_latency_ms']:.0f}")
+            if d["last_error"]:
+                errors.append(f"{d['id']}: {d['last_error']}")
+        console.print(table)
+        for line in errors:
+            console.print(line, soft_wrap=True, markup=False)
+    return 0
+
+
+def cmd_webhook_sender(args) -> int:
+    from api.webhooks.sender import run_forever
+    from core.settings import get_settings
+    run_forever(get_settings())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refinery", description="Refinery: compression and unlearning as a service.")
     parser.add_argument("--base-url", default=os.environ.get("REFINERY_URL", "http://127.0.0.1:8000"))
@@ -219,6 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", "-f", action="store_true")
     p.set_defaults(func=cmd_logs)
 
+    p = sub.add_parser("webhooks", help="manage webhook endpoints and see their deliveries")
+    hooks = p.add_subparsers(dest="webhooks_command", required=True)
+    h = hooks.add_parser("create", help="register an endpoint; prints its signing secret once")
+    h.add_argument("url")
+    h.add_argument("--event", action="append", metavar="TYPE", help="an event type to receive (repeat); default all")
+    h.add_argument("--description")
+    hooks.add_parser("list", help="list endpoints")
+    h = hooks.add_parser("deliveries", help="an endpoint's deliveries, newest first")
+    h.add_argument("webhook_id")
+    h.add_argument("--limit", type=int, default=20)
+    p.set_defaults(func=cmd_webhooks)
 
     p = sub.add_parser("serve", help="run the embedded platform (API + worker, SQLite, local broker and store)")
     p.set_defaults(func=cmd_serve)
@@ -238,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     k = keys.add_parser("list")
     k.add_argument("--project")
     p.set_defaults(func=cmd_keys)
+    p = sub.add_parser("webhook-sender", help="run a webhook sender alone (every API process also runs one)")
+    p.set_defaults(func=cmd_webhook_sender)
     return parser
 
 

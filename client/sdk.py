@@ -8,6 +8,8 @@ from typing import Any
 
 import httpx
 
+from client.webhooks import WebhookVerificationError, verify_webhook  # noqa: F401  (re-exported for users)
+
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -149,3 +151,47 @@ class Refinery:
         """The job's page in the web dashboard: under `public_url` (the server's REFINERY_PUBLIC_URL, where people
         reach it) or else this client's base URL."""
         return f"{(public_url or str(self.http.base_url)).rstrip('/')}/ui/jobs/{job_id}"
+
+    # webhooks
+    def create_webhook(self, url: str, event_types: list[str] | None = None, description: str | None = None,
+                       idempotency_key: str | None = None) -> dict[str, Any]:
+        """The new endpoint, with its `secret` (whsec_…): store it now, it is not shown again."""
+        body: dict[str, Any] = {"url": url}
+        if event_types:
+            body["event_types"] = event_types
+        if description is not None:
+            body["description"] = description
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._check(self.http.post("/v1/webhooks", json=body, headers=headers))
+
+    def webhooks(self) -> Iterator[dict[str, Any]]:
+        yield from self._pages("/v1/webhooks")
+
+    def webhook(self, webhook_id: str) -> dict[str, Any]:
+        return self._check(self.http.get(f"/v1/webhooks/{webhook_id}"))
+
+    def update_webhook(self, webhook_id: str, **changes: Any) -> dict[str, Any]:
+        """Change url, event_types or description; enabled=True re-enables an endpoint disabled after failures."""
+        return self._check(self.http.patch(f"/v1/webhooks/{webhook_id}", json=changes))
+
+    def delete_webhook(self, webhook_id: str) -> dict[str, Any]:
+        return self._check(self.http.delete(f"/v1/webhooks/{webhook_id}"))
+
+    def rotate_webhook_secret(self, webhook_id: str) -> dict[str, Any]:
+        return self._check(self.http.post(f"/v1/webhooks/{webhook_id}/rotate_secret"))
+
+    def ping_webhook(self, webhook_id: str) -> dict[str, Any]:
+        return self._check(self.http.post(f"/v1/webhooks/{webhook_id}/ping"))
+
+    def webhook_deliveries(self, webhook_id: str) -> Iterator[dict[str, Any]]:
+        """Newest first, following the cursor."""
+        yield from self._pages(f"/v1/webhooks/{webhook_id}/deliveries")
+
+    def _pages(self, path: str) -> Iterator[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": 100}
+        while True:
+            page = self._check(self.http.get(path, params=params))
+            yield from page["data"]
+            if not page["has_more"]:
+                return
+            params["after"] = page["data"][-1]["id"]

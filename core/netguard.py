@@ -4,6 +4,8 @@ resolution, on every resolution, so a name cannot be pointed at the platform's o
 import ipaddress
 import socket
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from urllib.parse import SplitResult, urlunsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -65,3 +67,24 @@ def resolve_checked(host: str, port: int, allowed: Callable[[IPAddress], bool]) 
                              "internet address (an operator can allow a private range with "
                              "REFINERY_OUTBOUND_ALLOWED_NETWORKS)")
     return addresses
+
+
+@dataclass(frozen=True)
+class PinnedTarget:
+    """A request aimed at the address that was checked, not at whatever a second DNS answer says (DNS rebinding),
+    while the server still sees the real Host header and TLS verifies the certificate against the real name (SNI)."""
+    url: str
+    host_header: str
+    sni_hostname: str
+
+
+def pin(parts: SplitResult, ip: IPAddress) -> PinnedTarget:
+    """`parts` (an http:// or https:// URL with a host) with its host replaced by the checked address `ip`."""
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    ip_netloc = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    url = urlunsplit((parts.scheme.lower(), ip_netloc, parts.path or "/", parts.query, ""))
+    host = parts.hostname if parts.hostname.isascii() else parts.hostname.encode("idna").decode("ascii")
+    host_header = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        host_header += f":{parts.port}"
+    return PinnedTarget(url=url, host_header=host_header, sni_hostname=host)

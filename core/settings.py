@@ -52,6 +52,18 @@ class Settings(BaseSettings):
     # The dashboard and webhook links point here (what `refinery open` prints); empty means http://127.0.0.1:<port>.
     public_url: str = ""
 
+    # Webhooks. Every API process runs a sender (or run `refinery webhook-sender` alone). The retry schedule is the
+    # wait before each try, the first try included (comma-separated seconds, ±20 % jitter; ≈ 27 h over 8 tries); the
+    # last try's failure fails the delivery and disables the endpoint. A claimed delivery is leased for
+    # `webhook_lease_seconds` (longer than one try can take), so a killed sender's delivery is retried by another.
+    run_webhook_sender: bool = True
+    webhook_retry_seconds: str = "0,5,300,1800,7200,18000,36000,36000"
+    webhook_connect_timeout_seconds: float = 5.0
+    webhook_timeout_seconds: float = 10.0  # for the receiver's answer
+    webhook_lease_seconds: float = 30.0
+    webhook_poll_seconds: float = 0.5
+    webhook_sender_threads: int = Field(default=8, ge=1, le=64)  # endpoints served at once, one delivery each
+
     torch_threads: int = 1
     device: str = "auto"  # cpu | cuda | auto (cuda when available)
 
@@ -60,6 +72,21 @@ class Settings(BaseSettings):
     def _networks_parse(cls, value: str) -> str:
         parse_networks(value)  # a bad CIDR stops the process at start, naming the entry
         return value
+
+    @field_validator("webhook_retry_seconds")
+    @classmethod
+    def _retry_schedule_parses(cls, value: str) -> str:
+        schedule = [float(part) for part in value.split(",") if part.strip()]
+        if not schedule or any(wait < 0 for wait in schedule):
+            raise ValueError("webhook_retry_seconds: one or more non-negative numbers of seconds, comma-separated")
+        return value
+
+    @model_validator(mode="after")
+    def _webhook_lease_outlasts_a_try(self) -> "Settings":
+        if self.webhook_lease_seconds <= self.webhook_connect_timeout_seconds + self.webhook_timeout_seconds:
+            raise ValueError("webhook_lease_seconds must be longer than a try can take (connect + answer timeouts), "
+                             "or two senders could send the same try at once")
+        return self
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> "Settings":
@@ -75,6 +102,10 @@ class Settings(BaseSettings):
     @property
     def outbound_networks(self) -> list:
         return parse_networks(self.outbound_allowed_networks)
+
+    @property
+    def webhook_retry_schedule(self) -> list[float]:
+        return [float(part) for part in self.webhook_retry_seconds.split(",") if part.strip()]
 
     @property
     def embedded(self) -> bool:

@@ -1,5 +1,6 @@
 """The one writer of job status. Every transition is a conditional UPDATE, so two processes can never both win one;
-every write a worker makes after its claim is fenced by its lease token.
+every write a worker makes after its claim is fenced by its lease token. Each status change also writes the webhook
+deliveries that report it (db/repositories/webhooks.enqueue_job_event), in the same transaction.
 
     queued ──claim──▶ running ──finish──▶ succeeded | failed | cancelled
       ▲                  │
@@ -15,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Job
 from db.repositories.events import add_event
+from db.repositories.webhooks import enqueue_job_event
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 ALLOWED = {
@@ -34,12 +36,16 @@ def claim(session: Session, job_id: str, worker: str, lease_seconds: float) -> s
     """queued → running with a fresh lease token, or None if the job is not claimable (a duplicate delivery)."""
     token = secrets.token_hex(16)
     now = time.time()
-    result = session.execute(
+    project_id = session.scalar(
         update(Job).where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(False))
         .values(status="running", lease_token=token, lease_expires_at=now + lease_seconds, worker=worker,
                 started_at=now)
+        .returning(Job.project_id)
     )
-    return token if result.rowcount == 1 else None
+    if project_id is None:
+        return None
+    enqueue_job_event(session, job_id, project_id, "job.running")
+    return token
 
 
 def renew(session: Session, job_id: str, token: str, lease_seconds: float, **values: Any) -> bool:
@@ -66,16 +72,23 @@ def finish(session: Session, job_id: str, token: str, status: str, *, result: di
         values["used_seconds"] = used_seconds
     if progress is not None:
         values["progress"] = {**progress, "fraction": 1.0} if status == "succeeded" else progress
-    res = session.execute(update(Job).where(Job.id == job_id, Job.lease_token == token, Job.status == "running")
-                          .values(**values))
-    return res.rowcount == 1
+    project_id = session.scalar(update(Job).where(Job.id == job_id, Job.lease_token == token, Job.status == "running")
+                                .values(**values).returning(Job.project_id))
+    if project_id is None:
+        return False
+    enqueue_job_event(session, job_id, project_id, f"job.{status}")
+    return True
 
 
 def fail_unclaimed(session: Session, job_id: str, error: dict) -> bool:
     """A queued job that can never run (e.g. its spec no longer validates on this worker)."""
-    res = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued")
-                          .values(status="failed", finished_at=time.time(), error=error))
-    return res.rowcount == 1
+    project_id = session.scalar(update(Job).where(Job.id == job_id, Job.status == "queued")
+                                .values(status="failed", finished_at=time.time(), error=error)
+                                .returning(Job.project_id))
+    if project_id is None:
+        return False
+    enqueue_job_event(session, job_id, project_id, "job.failed")
+    return True
 
 
 def request_cancel(session: Session, job: Job) -> str:
@@ -85,6 +98,7 @@ def request_cancel(session: Session, job: Job) -> str:
                           .values(status="cancelled", finished_at=now, cancel_requested=True))
     if res.rowcount == 1:
         add_event(session, job.id, job.attempt, "job.cancelled", "Cancelled before it started.")
+        enqueue_job_event(session, job.id, job.project_id, "job.cancelled")
         return "cancelled"
     res = session.execute(update(Job).where(Job.id == job.id, Job.status == "running").values(cancel_requested=True))
     if res.rowcount == 1:
@@ -97,28 +111,32 @@ def reap_expired(session: Session, now: float | None = None) -> list[tuple[str, 
     """Return jobs whose lease expired (their worker died) to the queue with attempt + 1, or fail them past
     max_attempts, or cancel them if a cancel was pending. Returns (job_id, new_status) pairs."""
     now = now or time.time()
-    expired = list(session.scalars(
+    expired = list(session.execute(
         update(Job).where(Job.status == "running", Job.lease_expires_at < now, Job.cancel_requested.is_(True))
         .values(status="cancelled", finished_at=now, lease_token=None, lease_expires_at=None)
-        .returning(Job.id)))
-    changes = [(job_id, "cancelled") for job_id in expired]
-    failed = list(session.scalars(
+        .returning(Job.id, Job.project_id)))
+    changes = [(job_id, "cancelled") for job_id, _ in expired]
+    failed = list(session.execute(
         update(Job).where(Job.status == "running", Job.lease_expires_at < now, Job.attempt >= Job.max_attempts)
         .values(status="failed", finished_at=now, lease_token=None, lease_expires_at=None,
                 error={"code": "worker_lost", "class": "infra_error",
                        "message": "The worker running this job stopped responding on its last allowed attempt."})
-        .returning(Job.id)))
-    changes += [(job_id, "failed") for job_id in failed]
+        .returning(Job.id, Job.project_id)))
+    changes += [(job_id, "failed") for job_id, _ in failed]
     requeued = list(session.execute(
         update(Job).where(Job.status == "running", Job.lease_expires_at < now)
         .values(status="queued", attempt=Job.attempt + 1, lease_token=None, lease_expires_at=None, worker=None,
                 last_dispatched_at=None, dispatches=0)
-        .returning(Job.id, Job.attempt)))
-    changes += [(job_id, "queued") for job_id, _ in requeued]
-    for job_id, attempt in requeued:
+        .returning(Job.id, Job.attempt, Job.project_id)))
+    changes += [(job_id, "queued") for job_id, _, _ in requeued]
+    for job_id, attempt, project_id in requeued:
         add_event(session, job_id, attempt, "job.requeued",
                   f"The previous worker stopped responding; attempt {attempt} will resume from the last checkpoint.",
                   level="warning")
-    for job_id in failed:
+        enqueue_job_event(session, job_id, project_id, "job.requeued")
+    for job_id, project_id in failed:
         add_event(session, job_id, 0, "job.failed", "Worker lost on the last allowed attempt.", level="error")
+        enqueue_job_event(session, job_id, project_id, "job.failed")
+    for job_id, project_id in expired:
+        enqueue_job_event(session, job_id, project_id, "job.cancelled")
     return changes

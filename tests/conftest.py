@@ -114,7 +114,9 @@ class Platform:
         deadline = time.time() + 60
         while time.time() < deadline:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.base + "/healthz", timeout=2).status_code == 200:
+                # Up, and the bootstrap key (written by a start-up thread) already works.
+                if httpx.get(self.base + "/healthz", timeout=2).status_code == 200 and \
+                        httpx.get(self.base + "/v1/methods", headers=self.headers, timeout=2).status_code != 401:
                     return
             time.sleep(0.3)
         raise RuntimeError("API did not start: " + (self.home / "api.log").read_text()[-2000:])
@@ -176,7 +178,11 @@ def platform(pg_url, redis_client, data_root, tmp_path_factory):
                REFINERY_DATA_ROOTS=str(data_root), REFINERY_PORT=str(free_port()), REFINERY_LEASE_SECONDS="6",
                REFINERY_HEARTBEAT_SECONDS="1", REFINERY_CHECKPOINT_SECONDS="1", REFINERY_REDISPATCH_SECONDS="3",
                REFINERY_SWEEP_SECONDS="0.5", REFINERY_MAX_UPLOAD_BYTES=str(2_000_000),
-               REFINERY_RATE_LIMIT_PER_MINUTE="100000", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+               REFINERY_RATE_LIMIT_PER_MINUTE="100000", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               # Webhook receivers in the tests listen on loopback; short retries and timeouts keep the tests quick.
+               REFINERY_OUTBOUND_ALLOWED_NETWORKS="127.0.0.0/8", REFINERY_WEBHOOK_RETRY_SECONDS="0,1,1,1,1",
+               REFINERY_WEBHOOK_CONNECT_TIMEOUT_SECONDS="1", REFINERY_WEBHOOK_TIMEOUT_SECONDS="10",
+               REFINERY_WEBHOOK_LEASE_SECONDS="12", REFINERY_WEBHOOK_POLL_SECONDS="0.1")
     p = Platform(env, home)
     p.start_api()
     p.start_worker()

@@ -16,6 +16,7 @@ from db.models import Job
 from db.repositories import idempotency
 from db.repositories.events import add_event
 from db.repositories.jobs import get_job, insert_job
+from db.repositories.webhooks import enqueue_job_event
 
 ENDPOINT = "POST /v1/jobs"
 
@@ -73,6 +74,7 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
         with session.begin_nested():
             insert_job(session, job)
             add_event(session, job.id, 1, "job.created", f"Job created: {job.method}/{job.algorithm}.")
+            enqueue_job_event(session, job.id, project_id, "job.queued")
             if key is not None:
                 idempotency.add_record(session, project_id, ENDPOINT, key, digest, job.id)
     except IntegrityError:

@@ -1,6 +1,5 @@
 """Job rows: create (with its outbox message), fetch within a project, list with cursor and filters."""
 import time
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -66,10 +65,6 @@ def finished_durations(session: Session, since: float) -> list[tuple[str, float]
     rows = session.execute(select(Job.method, Job.finished_at - Job.started_at)
                            .where(Job.finished_at >= since, Job.started_at.is_not(None)))
     return [(m, float(d)) for m, d in rows]
-
-
-def public_progress(job: Job) -> dict[str, Any]:
-    return {"fraction": 0.0, "step": 0, "total_steps": None, "eta_seconds": None, **(job.progress or {})}
 
 
 def count_by_method_and_status(session: Session) -> dict[tuple[str, str], int]:

@@ -4,11 +4,11 @@ import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import httpx
 
-from core.netguard import AddressRefused, IPAddress, is_public_address, resolve_checked
+from core.netguard import AddressRefused, IPAddress, is_public_address, pin, resolve_checked
 from workers.errors import JobFailure
 
 MAX_REDIRECTS = 5
@@ -89,15 +89,7 @@ def _get_to_file(
     verify: ssl.SSLContext | bool,
 ) -> str | None:
     """GET one hop from the checked address. Returns the redirect location, or None once the body is in `target`."""
-    port = parts.port or 443
-    ip_netloc = f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
-    pinned_url = urlunsplit(("https", ip_netloc, parts.path or "/", parts.query, ""))
-    host = parts.hostname if parts.hostname.isascii() else parts.hostname.encode("idna").decode("ascii")
-    host_header = f"[{host}]" if ":" in host else host
-    if parts.port is not None:
-        host_header += f":{parts.port}"
-    # Connect to the address we checked, not to whatever a second DNS answer says (DNS rebinding), while the
-    # certificate is still verified against the real host name (SNI) and the server sees the real Host header.
+    # Connect to the address we checked (core.netguard.pin: real Host header and SNI).
     # trust_env=False: a proxy from the environment would make its own, unchecked connection.
     # Each hop gets what is left of the whole download's time, so redirects cannot stretch it.
     remaining = deadline - time.monotonic()
@@ -105,8 +97,9 @@ def _get_to_file(
         raise JobFailure("download_failed", f"{original}: the download took longer than {timeout_seconds:g} s")
     try:
         with httpx.Client(verify=verify, timeout=remaining, follow_redirects=False, trust_env=False) as client:
+            pinned = pin(parts, ip)
             request = client.build_request(
-                "GET", pinned_url, headers={"Host": host_header}, extensions={"sni_hostname": host}
+                "GET", pinned.url, headers={"Host": pinned.host_header}, extensions={"sni_hostname": pinned.sni_hostname}
             )
             response = client.send(request, stream=True)
             try:

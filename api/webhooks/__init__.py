@@ -1,0 +1,1 @@
+"""Webhooks: endpoints a project registers to receive its job events, signed (Standard Webhooks), and the sender."""
