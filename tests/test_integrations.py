@@ -230,6 +230,53 @@ def test_running_job_409_throughput_metric_and_followed_logs(platform, data_root
     assert "Loaded " in stdout and lines[-1].strip() == "job cancelled"
 
 
+def test_dispatch_latency_counts_each_attempt_from_its_own_queueing():
+    """Attempt 1 waits from job.created to its claim; a requeued attempt from job.requeued (the reaper's) to its
+    own claim, not from the job's creation. Real lifecycle calls on a fresh database; the worker's job.started event
+    is written as workers/tasks.py writes it."""
+    from core.ids import new_id
+    from db import lifecycle
+    from db.models import Job
+    from db.repositories.events import add_event
+    from db.repositories.jobs import dispatch_waits, insert_job
+    from db.repositories.projects import get_or_create_project
+    from db.session import transaction
+    from tests.conftest import fresh_database
+
+    def claim_and_start(url, job_id):
+        with transaction(url) as session:
+            assert lifecycle.claim(session, job_id, "worker-a", lease_seconds=0.1)
+            attempt = session.get(Job, job_id).attempt
+            add_event(session, job_id, attempt, "job.started", f"Attempt {attempt} started.")
+
+    with fresh_database() as url:
+        created = time.time()
+        with transaction(url) as session:
+            project = get_or_create_project(session, "dispatch")
+            jobs = [Job(id=new_id("job"), project_id=project.id, status="queued", method=method, algorithm="a",
+                        spec={}, metadata_={}, created_at=time.time(), attempt=1, max_attempts=3, max_seconds=60,
+                        used_seconds=0.0, cancel_requested=False, progress={}) for method in ("train", "prune")]
+            for job in jobs:
+                insert_job(session, job)
+                add_event(session, job.id, 1, "job.created", "Job created.")
+        time.sleep(0.3)
+        claim_and_start(url, jobs[0].id)  # attempt 1: ~0.3 s after creation; the prune job stays queued
+        first_claimed = time.time()
+        time.sleep(0.2)
+        with transaction(url) as session:
+            assert lifecycle.reap_expired(session) == [(jobs[0].id, "queued")]
+        time.sleep(0.8)
+        claim_and_start(url, jobs[0].id)  # attempt 2: ~0.8 s after its requeue, ~1.3 s after creation
+        second_claimed = time.time()
+        with transaction(url, readonly=True) as session:
+            waits = sorted(wait for _, wait in dispatch_waits(session, since=time.time() - 60))
+            assert {method for method, _ in dispatch_waits(session, since=time.time() - 60)} == {"train"}
+    first, second = waits
+    assert 0.3 <= first <= first_claimed - created, waits
+    # From the requeue, which came at least 0.5 s after creation (0.3 s queued, then 0.2 s for the lease to expire).
+    assert 0.8 <= second <= second_claimed - created - 0.5, waits
+
+
 def exposed_metric_names(text: str) -> set[str]:
     """Every series name a scrape of /metrics offers, families without samples (# TYPE only) included."""
     names = set()

@@ -1,7 +1,7 @@
 """Job rows: create (with its outbox message), fetch within a project, list with cursor and filters."""
 import time
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobEvent, OutboxMessage
@@ -77,19 +77,14 @@ def dispatch_waits(session: Session, since: float) -> list[tuple[str, float]]:
     An attempt is queued at its job's `job.created` event (attempt 1) or its `job.requeued` event (later attempts:
     the reaper writes it with the new attempt number) and claimed at its `job.started` event, which the worker
     writes right after its claim commits. `jobs.started_at` alone would hold only the newest attempt's claim."""
+    claimed = func.min(case((JobEvent.type == "job.started", JobEvent.created_at)))
+    queued = func.min(case((JobEvent.type != "job.started", JobEvent.created_at)))
     rows = session.execute(
-        select(Job.method, JobEvent.job_id, JobEvent.attempt, JobEvent.type, JobEvent.created_at)
+        select(Job.method, claimed - queued)
         .join(Job, Job.id == JobEvent.job_id)
-        .where(Job.started_at >= since, JobEvent.type.in_(("job.created", "job.requeued", "job.started"))))
-    queued: dict[tuple[str, int], float] = {}
-    claimed: dict[tuple[str, int], tuple[str, float]] = {}
-    for method, job_id, attempt, type_, at in rows:
-        if type_ == "job.started":
-            previous = claimed.get((job_id, attempt))
-            claimed[(job_id, attempt)] = (method, min(at, previous[1]) if previous else at)
-        else:
-            queued[(job_id, attempt)] = min(at, queued.get((job_id, attempt), at))
-    return [(method, max(0.0, at - queued[key])) for key, (method, at) in claimed.items() if key in queued]
+        .where(Job.started_at >= since, JobEvent.type.in_(("job.created", "job.requeued", "job.started")))
+        .group_by(Job.method, JobEvent.job_id, JobEvent.attempt))
+    return [(method, max(0.0, float(wait))) for method, wait in rows if wait is not None]
 
 
 def running_progress(session: Session) -> list[tuple[str, str, dict]]:
