@@ -39,7 +39,9 @@ def api_only(tmp_path_factory, redis_client):
 @pytest.mark.parametrize("authenticated", [True, False])
 def test_fuzzing_finds_no_server_errors_or_schema_violations(api_only, authenticated):
     args = [SCHEMATHESIS, "--config-file", str(CONFIG), "run", f"{api_only.base}/openapi.json", "--max-examples", "25",
-            "--seed", "1", "--workers", "2"]  # pinned so CI is repeatable; vary it by hand to explore
+            "--seed", "1", "--workers", "1"]  # pinned so CI is repeatable; vary it by hand to explore
+    # One worker: on CPython < 3.11.8, hypothesis's ast.parse in two threads at once can raise a spurious
+    # "SystemError: AST constructor recursion depth mismatch" (python/cpython#106905); one is as fast here.
     if authenticated:
         args += ["-H", f"Authorization: Bearer {TOKEN}"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
