@@ -14,6 +14,7 @@ class Progress(BaseModel):
     total_steps: int | None = None
     eta_seconds: float | None = None
     epoch: int | None = None
+    samples_per_second: float | None = None  # training throughput over the last heartbeat interval, while running
 
 
 class BudgetUse(BaseModel):
