@@ -1,5 +1,6 @@
 """Shared bench plumbing: start the embedded platform (`refinery serve`) in a scratch home and talk to it over HTTP."""
 import contextlib
+import json
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -142,3 +144,58 @@ class Canary:
             thread.join()
         for sock in self.sockets:
             sock.close()
+
+
+class WebhookReceiver:
+    """A webhook receiver on loopback (tests and benches). `answer(n, request)` gives the status for the n-th request (from 0); it may
+    block to play a slow receiver. Every request is recorded with its lower-cased headers, raw body and arrival."""
+
+    def __init__(self, answer=lambda n, request: 200):
+        self.requests: list[dict] = []
+        self.cond = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                request = {"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body,
+                           "at": time.time(), "path": self.path}
+                with receiver.cond:
+                    n = len(receiver.requests)
+                    receiver.requests.append(request)
+                    receiver.cond.notify_all()
+                status = answer(n, request)
+                with contextlib.suppress(OSError):  # the sender may be gone (timed out, or killed)
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, count: int, timeout: float = 30) -> list[dict]:
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.requests) >= count, timeout), \
+                f"{len(self.requests)} of {count} requests arrived"
+            return list(self.requests)
+
+    def events(self) -> list[dict]:
+        return [json.loads(r["body"]) for r in self.requests]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+    def wait_for_id(self, webhook_id: str, timeout: float = 60) -> dict:
+        """The first request that carried this webhook-id."""
+        def found():
+            return next((r for r in self.requests if r["headers"].get("webhook-id") == webhook_id), None)
+        with self.cond:
+            assert self.cond.wait_for(lambda: found() is not None, timeout), f"{webhook_id} never arrived"
+            return found()

@@ -12,49 +12,15 @@ receiver is a loopback HTTP server in this process, so both sides read the same 
 import argparse
 import json
 import statistics
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import psycopg
 
-from bench.common import RESULTS, served, wait_job
+from bench.common import RESULTS, WebhookReceiver, served, wait_job
 
 PG = "host=127.0.0.1 user=postgres dbname=postgres"
-
-
-class Receiver:
-    def __init__(self):
-        self.arrivals: dict[str, tuple[float, dict]] = {}
-        self.cond = threading.Condition()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                at = time.time()
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                key = self.headers.get("webhook-id") or self.headers.get("x-baseline-id")
-                with receiver.cond:
-                    receiver.arrivals.setdefault(key, (at, json.loads(body)))
-                    receiver.cond.notify_all()
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait(self, key: str, timeout: float = 60) -> tuple[float, dict]:
-        with self.cond:
-            assert self.cond.wait_for(lambda: key in self.arrivals, timeout), f"{key} never arrived"
-            return self.arrivals[key]
 
 
 def summary(seconds: list[float]) -> dict:
@@ -64,15 +30,15 @@ def summary(seconds: list[float]) -> dict:
             "max_ms": round(1000 * ordered[-1], 1)}
 
 
-def baseline(receiver: Receiver, count: int) -> list[float]:
+def baseline(receiver: WebhookReceiver, count: int) -> list[float]:
     latencies, tls = [], httpx.create_ssl_context()
     for i in range(count):
         key = f"baseline-{i}"
         started = time.time()
         with httpx.Client(verify=tls, trust_env=False, timeout=10) as client:
-            client.post(receiver.url, content=b'{"type":"baseline"}', headers={"x-baseline-id": key,
+            client.post(receiver.url, content=b'{"type":"baseline"}', headers={"webhook-id": key,
                                                                               "content-type": "application/json"})
-        latencies.append(receiver.wait(key)[0] - started)
+        latencies.append(receiver.wait_for_id(key)["at"] - started)
         time.sleep(0.05)
     return latencies
 
@@ -91,7 +57,7 @@ def main() -> None:
 
 
 def measure(args, poll: float) -> dict:
-    receiver = Receiver()
+    receiver = WebhookReceiver()
     env = {"REFINERY_OUTBOUND_ALLOWED_NETWORKS": "127.0.0.0/8", "REFINERY_WEBHOOK_POLL_SECONDS": str(poll)}
     database = None
     if not args.embedded:
@@ -109,7 +75,7 @@ def measure(args, poll: float) -> dict:
             pings = []
             for _ in range(args.pings):
                 delivery = http.post(f"/v1/webhooks/{hook['id']}/ping").json()
-                pings.append(receiver.wait(delivery["id"])[0] - delivery["created_at"])
+                pings.append(receiver.wait_for_id(delivery["id"])["at"] - delivery["created_at"])
                 time.sleep(0.13)  # not a multiple of the poll interval: pings land anywhere in its cycle
 
             changes = {"job.queued": [], "job.running": [], "job.succeeded": []}
@@ -124,8 +90,8 @@ def measure(args, poll: float) -> dict:
                         http.get(f"/v1/webhooks/{hook['id']}/deliveries", params={"limit": 100}).json()["data"]
                         if d["job_id"] == job["id"]}
                 for event_type, msg_id in seen.items():
-                    at, body = receiver.wait(msg_id)
-                    changes[event_type].append(at - body["data"][stamp[event_type]])
+                    arrival = receiver.wait_for_id(msg_id)
+                    changes[event_type].append(arrival["at"] - json.loads(arrival["body"])["data"][stamp[event_type]])
     finally:
         if database:
             with psycopg.connect(PG, autocommit=True) as conn:
@@ -144,7 +110,7 @@ def measure(args, poll: float) -> dict:
     for name in ("ping_from_enqueue", "job_events_from_status_change"):
         result[name]["p50_ratio_to_baseline"] = round(result[name]["p50_ms"] / base["p50_ms"], 1)
         result[name]["p99_ratio_to_baseline"] = round(result[name]["p99_ms"] / base["p99_ms"], 1)
-    receiver.server.shutdown()
+    receiver.close()
     return result
 
 

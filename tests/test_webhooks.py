@@ -4,7 +4,6 @@ signing library). A train job's transitions arrive in order and signed; a failin
 webhook-id; a hanging one delays nothing else; a SIGKILLed sender loses no delivery; SSRF is refused at creation and
 at every send; an endpoint is disabled after its last failed try; rotated secrets, other projects, the CLI."""
 import base64
-import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -16,62 +15,16 @@ import sys
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 
+from bench.common import WebhookReceiver as Receiver
 from tests.conftest import ROOT, Platform, free_port, fresh_database
 
 TRAIN = {"method": "train", "model": {"arch": "mlp"}, "dataset": {"uri": "builtin://digits"}, "params": {"epochs": 3},
          "budget": {"max_seconds": 120}, "seed": 0}
-
-
-class Receiver:
-    """A webhook receiver on loopback. `answer(n, request)` gives the status for the n-th request (from 0); it may
-    block to play a slow receiver. Every request is recorded with its lower-cased headers, raw body and arrival."""
-
-    def __init__(self, answer=lambda n, request: 200):
-        self.requests: list[dict] = []
-        self.cond = threading.Condition()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                request = {"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body,
-                           "at": time.time(), "path": self.path}
-                with receiver.cond:
-                    n = len(receiver.requests)
-                    receiver.requests.append(request)
-                    receiver.cond.notify_all()
-                status = answer(n, request)
-                with contextlib.suppress(OSError):  # the sender may be gone (timed out, or killed)
-                    self.send_response(status)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait_for(self, count: int, timeout: float = 30) -> list[dict]:
-        with self.cond:
-            assert self.cond.wait_for(lambda: len(self.requests) >= count, timeout), \
-                f"{len(self.requests)} of {count} requests arrived"
-            return list(self.requests)
-
-    def events(self) -> list[dict]:
-        return [json.loads(r["body"]) for r in self.requests]
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def signature_valid(secret: str, request: dict) -> bool:

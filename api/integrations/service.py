@@ -21,8 +21,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import APIError
+from api.idempotency import replayed_id, request_hash
 from api.integrations.schemas import MlflowExportObject, MlflowExportRequest
-from api.jobs.service import request_hash
 from core.netguard import AddressRefused, address_policy, resolve_checked
 from core.settings import Settings
 from core.storage import get_store
@@ -116,13 +116,10 @@ def body_hash(request: MlflowExportRequest) -> str:
 
 def replay(session: Session, project_id: str, key: str, digest: str) -> MlflowExportObject | None:
     """The export an earlier request with this Idempotency-Key made, or None; a different body is a 409."""
-    record = idempotency.find_record(session, project_id, ENDPOINT, key)
-    if record is None:
+    event_id = replayed_id(session, project_id, ENDPOINT, key, digest, "export")
+    if event_id is None:
         return None
-    if record.request_hash != digest:
-        raise APIError(409, "idempotency_key_reused", "This Idempotency-Key was used with a different request body; "
-                       "use a new key for a new export.", param="Idempotency-Key")
-    event = get_event(session, int(record.resource_id.removeprefix("evt_")))
+    event = get_event(session, int(event_id.removeprefix("evt_")))
     return MlflowExportObject(**event.data, created_at=event.created_at)
 
 

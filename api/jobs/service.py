@@ -1,6 +1,4 @@
 """Job rules: validate a spec against the catalog and the server's limits, create it idempotently, cancel it."""
-import hashlib
-import json
 import time
 
 from pydantic import ValidationError
@@ -8,6 +6,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import APIError, loc_to_param
+from api.idempotency import replayed_id, request_hash
 from core.catalog import METHODS, SpecProblem, find_algorithm
 from core.ids import new_id
 from core.settings import Settings
@@ -53,10 +52,6 @@ def normalise(spec: JobSpec, settings: Settings) -> dict:
     return data
 
 
-def request_hash(body: dict) -> str:
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def create_job(session: Session, settings: Settings, project_id: str, spec: JobSpec, key: str | None) -> tuple[Job, bool]:
     """Returns (job, created). With an Idempotency-Key, the same key and body return the first job; the same key
     with another body is a 409. The unique constraint on the key decides between concurrent requests."""
@@ -86,10 +81,5 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
 
 
 def _replay(session: Session, project_id: str, key: str, digest: str) -> Job | None:
-    record = idempotency.find_record(session, project_id, ENDPOINT, key)
-    if record is None:
-        return None
-    if record.request_hash != digest:
-        raise APIError(409, "idempotency_key_reused", "This Idempotency-Key was used with a different request body; "
-                       "use a new key for a new job.", param="Idempotency-Key")
-    return get_job(session, record.resource_id)
+    job_id = replayed_id(session, project_id, ENDPOINT, key, digest, "job")
+    return None if job_id is None else get_job(session, job_id)

@@ -8,7 +8,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import APIError
-from api.jobs.service import request_hash
+from api.idempotency import replayed_id, request_hash
 from api.webhooks.schemas import WebhookCreate, WebhookUpdate
 from api.webhooks.sender import UnsafeURL, resolve_target
 from core.ids import new_id
@@ -61,13 +61,10 @@ def create_webhook(session: Session, settings: Settings, project_id: str, body: 
 
 
 def _replay(session: Session, project_id: str, key: str, digest: str) -> Webhook | None:
-    record = idempotency.find_record(session, project_id, ENDPOINT, key)
-    if record is None:
+    webhook_id = replayed_id(session, project_id, ENDPOINT, key, digest, "webhook")
+    if webhook_id is None:
         return None
-    if record.request_hash != digest:
-        raise APIError(409, "idempotency_key_reused", "This Idempotency-Key was used with a different request body; "
-                       "use a new key for a new webhook.", param="Idempotency-Key")
-    webhook = repo.get_project_webhook(session, project_id, record.resource_id)
+    webhook = repo.get_project_webhook(session, project_id, webhook_id)
     if webhook is None:
         raise APIError(409, "idempotency_key_reused", "The webhook this Idempotency-Key created has been deleted; "
                        "use a new key.", param="Idempotency-Key")
