@@ -2,6 +2,7 @@
 big, and reading stops when a chunked one grows past the limit, so memory stays bounded), and how many requests are
 inside the application at once."""
 import asyncio
+import contextlib
 import json
 
 from starlette.exceptions import HTTPException
@@ -69,7 +70,11 @@ class AdmissionGate:
     the pool's 30 s timeout turns them into errors (measured with bench/load_polling.py: 200 clients → 88 % errors).
     A request leaves the gate when its response starts (its session has committed by then), so a long download or
     a live event stream does not keep a place. Keep `limit` below the pool's connections and the thread pool's
-    size (40)."""
+    size (40).
+
+    A request that waits on purpose (a long-poll) steps outside while it waits: `async with outside_gate(scope)`
+    gives its place back and queues for one again before its next read, so a thousand long-polls hold no places
+    and each of their reads is admitted like any other request."""
 
     def __init__(self, app, limit: int):
         self.app = app
@@ -80,21 +85,50 @@ class AdmissionGate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         self._semaphore = self._semaphore or asyncio.Semaphore(self.limit)
-        await self._semaphore.acquire()
-        inside = True
-
-        def leave() -> None:
-            nonlocal inside
-            if inside:
-                inside = False
-                self._semaphore.release()
+        place = _Place(self._semaphore)
+        await place.enter()
+        scope[_PLACE] = place
 
         async def send_and_leave(message):
             if message["type"] == "http.response.start":
-                leave()
+                place.leave()
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_leave)
         finally:
-            leave()
+            place.leave()
+
+
+_PLACE = "refinery.admission_place"
+
+
+class _Place:
+    """One request's place inside the gate: held at most once, given back at most once per time it was taken."""
+
+    def __init__(self, semaphore: asyncio.Semaphore):
+        self.semaphore = semaphore
+        self.inside = False
+
+    async def enter(self) -> None:
+        await self.semaphore.acquire()
+        self.inside = True
+
+    def leave(self) -> None:
+        if self.inside:
+            self.inside = False
+            self.semaphore.release()
+
+
+@contextlib.asynccontextmanager
+async def outside_gate(scope):
+    """Wait outside the admission gate (a no-op when the app runs without one)."""
+    place: _Place | None = scope.get(_PLACE)
+    held = place is not None and place.inside
+    if held:
+        place.leave()
+    try:
+        yield
+    finally:
+        if held:
+            await place.enter()

@@ -1,7 +1,9 @@
 """Status-polling latency and throughput of `GET /v1/jobs/{id}` (auth, rate limit, ledger read) as ratios against a
 bare FastAPI endpoint served the same way (uvicorn, same machine), with the same client load.
 
-    .venv/bin/python bench/api_latency.py [--clients 8] [--seconds 10]
+    .venv/bin/python bench/api_latency.py [--clients 8] [--seconds 10] [--api-processes 1]
+
+With --api-processes N > 1 both servers run N uvicorn workers, and the result goes to api_latency_processesN.json.
 """
 import argparse
 import contextlib
@@ -48,9 +50,10 @@ def hammer(url: str, headers: dict, clients: int, seconds: float) -> dict:
 
 
 @contextlib.contextmanager
-def bare_server():
+def bare_server(processes: int = 1):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(port),
+    workers = ["--workers", str(processes)] if processes > 1 else []
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(port), *workers,
                              "--log-level", "warning"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     url = f"http://127.0.0.1:{port}/job"
     try:
@@ -69,18 +72,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--api-processes", type=int, default=1)
     args = parser.parse_args()
-    with bare_server() as url:
+    with bare_server(args.api_processes) as url:
         bare = hammer(url, {}, args.clients, args.seconds)
-    with embedded_platform({"REFINERY_RATE_LIMIT_PER_MINUTE": "1000000"}) as (base, headers):
+    with embedded_platform({"REFINERY_RATE_LIMIT_PER_MINUTE": "1000000",
+                            "REFINERY_API_PROCESSES": str(args.api_processes)}) as (base, headers):
         job = httpx.post(f"{base}/v1/jobs", headers=headers, json={
             "method": "train", "dataset": {"uri": "builtin://digits"}, "params": {"epochs": 1}}).json()
         refinery = hammer(f"{base}/v1/jobs/{job['id']}", headers, args.clients, args.seconds)
-    summary = {"clients": args.clients, "seconds": args.seconds, "bare_fastapi": bare, "refinery_get_job": refinery,
+    summary = {"clients": args.clients, "seconds": args.seconds, "api_processes": args.api_processes,
+               "bare_fastapi": bare, "refinery_get_job": refinery,
                "ratio_p50": refinery["p50_ms"] / bare["p50_ms"], "ratio_p99": refinery["p99_ms"] / bare["p99_ms"],
                "ratio_throughput": refinery["per_second"] / bare["per_second"]}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "api_latency.json").write_text(json.dumps(summary, indent=2))
+    name = "api_latency.json" if args.api_processes == 1 else f"api_latency_processes{args.api_processes}.json"
+    (RESULTS / name).write_text(json.dumps(summary, indent=2))
     for name, r in (("bare FastAPI endpoint", bare), ("GET /v1/jobs/{id} (embedded, SQLite)", refinery)):
         print(f"{name:40s} {r['per_second']:7.0f} req/s  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
               f"errors {r['errors']}")

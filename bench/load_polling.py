@@ -4,9 +4,10 @@ REFINERY_WORKERS=2 on a private Postgres and Redis. Beside it, the same 200 clie
 (bench/bare_app.py: no auth, no database) served the same way, as the baseline ratio. Client, server and training
 share the machine's 2 cores.
 
-    .venv/bin/python -m bench.load_polling [--clients 200] [--seconds 60]
+    .venv/bin/python -m bench.load_polling [--clients 200] [--seconds 60] [--api-processes 1]
 
-Writes bench/results/load_polling.json."""
+Writes bench/results/load_polling.json (load_polling_processesN.json with --api-processes N > 1, where the bare
+endpoint runs N uvicorn workers too)."""
 import argparse
 import asyncio
 import collections
@@ -62,8 +63,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--api-processes", type=int, default=1)
     args = parser.parse_args()
-    with bare_server() as url:
+    with bare_server(args.api_processes) as url:
         bare = asyncio.run(_load(url.removesuffix("/job"), {}, [["/job"]], args.clients, args.seconds))
     print(f"bare FastAPI: {bare}", flush=True)
     home = Path(tempfile.mkdtemp(prefix="refinery-load-"))
@@ -73,7 +75,7 @@ def main() -> None:
         with private_postgres(free_port()) as postgres:
             env = {"REFINERY_DATABASE_URL": postgres.create_database("refinery"), "REFINERY_BROKER_URL": redis.url,
                    "REFINERY_STORAGE_URL": f"file://{home / 'store'}", "REFINERY_WORKERS": "2",
-                   "REFINERY_RATE_LIMIT_PER_MINUTE": "100000000"}
+                   "REFINERY_RATE_LIMIT_PER_MINUTE": "100000000", "REFINERY_API_PROCESSES": str(args.api_processes)}
             with served(env, home) as platform:
                 http = httpx.Client(base_url=platform.base, headers=platform.headers, timeout=30)
                 ids = [http.post("/v1/jobs", json={"method": "train", "dataset": {"uri": "builtin://digits"},
@@ -88,14 +90,16 @@ def main() -> None:
     finally:
         redis.kill()
     summary = {"clients": args.clients, "seconds": args.seconds,
-               "setting": "one uvicorn API process, 2 training workers, private Postgres + Redis, 2 shared cores; "
-                          "each client alternates GET /v1/jobs/{id} and GET /v1/jobs/{id}/events?limit=50",
+               "setting": f"{args.api_processes} uvicorn API process(es), 2 training workers, private Postgres + "
+                          "Redis, 2 shared cores; each client alternates GET /v1/jobs/{id} and "
+                          "GET /v1/jobs/{id}/events?limit=50",
                "refinery": load, "bare_fastapi": bare, "jobs_during_load": dict(statuses),
                "ratio_p50": round(load["p50_ms"] / bare["p50_ms"], 2),
                "ratio_p99": round(load["p99_ms"] / bare["p99_ms"], 2),
                "ratio_throughput": round(load["per_second"] / bare["per_second"], 3)}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "load_polling.json").write_text(json.dumps(summary, indent=1))
+    name = "load_polling.json" if args.api_processes == 1 else f"load_polling_processes{args.api_processes}.json"
+    (RESULTS / name).write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
 
 

@@ -127,8 +127,10 @@ def cmd_api(args) -> int:
     import uvicorn
 
     from core.embedded import KEEP_ALIVE_SECONDS
+    from core.settings import get_settings
+    processes = get_settings().api_processes  # REFINERY_API_PROCESSES: uvicorn workers on one socket
     uvicorn.run("api.main:app", host=args.host, port=args.port, proxy_headers=True,
-                timeout_keep_alive=KEEP_ALIVE_SECONDS)
+                timeout_keep_alive=KEEP_ALIVE_SECONDS, workers=processes if processes > 1 else None)
     return 0
 
 

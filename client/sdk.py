@@ -63,12 +63,25 @@ class Refinery:
         return self._check(self.http.post(f"/v1/jobs/{job_id}/cancel"))
 
     def wait(self, job_id: str, timeout: float = 3600, poll: float = 1.0) -> dict[str, Any]:
+        """The job once it is finished, or as it is when `timeout` runs out. Long-polls: each request waits up to
+        30 s on the server for the job to change from the version this client holds (If-None-Match), so a job
+        costs about one request per change. `poll` is the pause between requests only against a server that
+        answers at once (one without long-polling)."""
         deadline = time.monotonic() + timeout
-        while True:
-            job = self.job(job_id)
-            if job["status"] in TERMINAL or time.monotonic() > deadline:
-                return job
-            time.sleep(poll)
+        response = self.http.get(f"/v1/jobs/{job_id}")
+        job = self._check(response)
+        while job["status"] not in TERMINAL and (remaining := deadline - time.monotonic()) > 0:
+            etag, wait = response.headers.get("etag"), round(max(0.1, min(30.0, remaining)), 1)
+            started = time.monotonic()
+            response = self.http.get(f"/v1/jobs/{job_id}", params={"wait": wait},
+                                     headers={"If-None-Match": etag} if etag else {},
+                                     timeout=httpx.Timeout(self.http.timeout.read or 60.0, read=wait + 30.0))
+            if response.status_code == 304:
+                continue
+            job = self._check(response)
+            if response.headers.get("etag") in (None, etag) and time.monotonic() - started < min(wait, poll):
+                time.sleep(poll)  # the server did not wait: poll as before
+        return job
 
     def events(self, job_id: str, follow: bool = False) -> Iterator[dict[str, Any]]:
         if not follow:

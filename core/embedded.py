@@ -1,5 +1,6 @@
-"""`refinery serve`: the platform in one process tree — migrations, the bootstrap key, the API (uvicorn) and
-`REFINERY_WORKERS` Celery workers, all supervised: a child that dies is started again. Same task code as production.
+"""`refinery serve`: the platform in one process tree — migrations, the bootstrap key, the API (uvicorn,
+`REFINERY_API_PROCESSES` processes) and `REFINERY_WORKERS` Celery workers, all supervised: a child that dies is
+started again. Same task code as production.
 Embedded by default (SQLite, filesystem broker, local store); the production shape on one machine when given
 REFINERY_DATABASE_URL=postgresql://… and REFINERY_BROKER_URL=redis://…"""
 import os
@@ -22,6 +23,13 @@ def worker_args(queue: str) -> list[str]:
     leases are what detect a dead worker."""
     return ["-m", "celery", "-A", "workers.app", "worker", "--pool=solo", "--concurrency=1", "-Q", queue,
             "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel=INFO"]
+
+
+def api_process_args(settings: Settings) -> list[str]:
+    """REFINERY_API_PROCESSES > 1: uvicorn's own supervisor runs that many API processes on one socket (and starts
+    a dead one again); each runs the sweeper and the webhook sender, which are safe side by side (conditional
+    UPDATEs and leases). Supervised here as one child: the supervisor."""
+    return ["--workers", str(settings.api_processes)] if settings.api_processes > 1 else []
 
 
 def api_key_for(settings: Settings) -> str:
@@ -81,7 +89,7 @@ def serve(settings: Settings) -> None:
     logs = settings.home / "logs"
     children = [
         Child("api", ["-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(settings.port),
-                      "--timeout-keep-alive", str(KEEP_ALIVE_SECONDS),
+                      "--timeout-keep-alive", str(KEEP_ALIVE_SECONDS), *api_process_args(settings),
                       "--log-level", "warning"], env, logs / "api.log"),
         *(Child(f"worker-{i + 1}", worker_args(settings.queue), env, logs / f"worker-{i + 1}.log")
           for i in range(max(1, settings.workers))),

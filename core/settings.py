@@ -41,6 +41,16 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = 512 * 1024 * 1024
     rate_limit_per_minute: int = 600
+    # Where the per-key rate limit is kept: a redis:// URL shares one budget across API processes and replicas.
+    # Empty means REFINERY_BROKER_URL when that is Redis, else a bucket in each API process (the embedded mode).
+    rate_limit_url: str = ""
+    # A key checked against the database is trusted this long (seconds) in each API process, so a poller costs no
+    # auth query most of the time; a revoked key is refused within this time. 0 checks every request.
+    auth_cache_seconds: float = Field(default=5.0, ge=0)
+    # API processes `refinery serve` and `refinery api` run (uvicorn --workers); each has its own db pool (30).
+    api_processes: int = Field(default=1, ge=1, le=64)
+    # The longest a long-poll (GET /v1/jobs/{id}?wait=N) holds a request open; below any proxy's idle timeout.
+    long_poll_max_seconds: float = Field(default=60.0, gt=0, le=60)
     # Requests inside one API process at once (more wait at the door): below the db pool (30) and threads (40).
     api_concurrency: int = Field(default=24, ge=1, le=36)
     https_timeout_seconds: float = 60.0

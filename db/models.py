@@ -55,6 +55,9 @@ class Job(Base):
 
     __table_args__ = (
         Index("ix_jobs_project_id_id", "project_id", "id"),
+        # One per list filter, ending in id: a filtered page is a range of one index walked in id order.
+        Index("ix_jobs_project_status_id", "project_id", "status", "id"),
+        Index("ix_jobs_project_method_id", "project_id", "method", "id"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
     )
 

@@ -187,6 +187,8 @@ def test_api_keys_never_appear_in_a_database_dump_and_a_revoked_key_is_refused(p
     for secret in (key, bootstrap):
         assert secret not in dump and secret[-16:] not in dump  # at most a short display prefix is stored
     _cli(env, "keys", "revoke", key)
+    # The API trusts a key it checked for REFINERY_AUTH_CACHE_SECONDS (5 s by default): refused once that is over.
+    time.sleep(5.2)
     refused = httpx.get(prod.platform.base + "/v1/jobs", headers={"Authorization": f"Bearer {key}"})
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key", refused.text
 

@@ -25,7 +25,10 @@ def api_only(tmp_path_factory, redis_client):
         env = dict(os.environ, REFINERY_HOME=str(home), REFINERY_DATABASE_URL=url,
                    REFINERY_QUEUE=f"refinery.fuzz.{uuid.uuid4().hex[:8]}", REFINERY_STORAGE_URL=f"file://{home}/store",
                    REFINERY_BOOTSTRAP_TOKEN=TOKEN, REFINERY_PORT=str(free_port()),
-                   REFINERY_RATE_LIMIT_PER_MINUTE="1000000", REFINERY_MAX_UPLOAD_BYTES="100000")
+                   REFINERY_RATE_LIMIT_PER_MINUTE="1000000", REFINERY_MAX_UPLOAD_BYTES="100000",
+                   # Jobs never change here (no worker): a long-poll would wait out all of its `wait` (up to 60 s),
+                   # past schemathesis' 10 s request timeout. The server's cap on a wait keeps each one short.
+                   REFINERY_LONG_POLL_MAX_SECONDS="1")
         platform = Platform(env, home)
         platform.start_api()
         try:

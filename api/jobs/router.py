@@ -4,13 +4,13 @@ import json
 import time
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
-from api.dependencies import CursorQuery, NameQuery, ProjectId, SessionDep, SettingsDep, idempotency_key
-from api.errors import V1_ERRORS, APIError, documented
-from api.jobs import service
+from api.dependencies import CursorQuery, NameQuery, PathId, ProjectId, SessionDep, SettingsDep, idempotency_key
+from api.errors import V1_ERRORS, APIError, documented, not_found
+from api.jobs import polling, service
 from api.jobs.dependencies import OwnedJob
 from api.jobs.schemas import EventList, EventObject, JobList, JobObject, MetricList, MetricPointObject, MetricSeries
 from core.broker import publish
@@ -50,8 +50,14 @@ def publish_after_commit(session: Session, job_id: str) -> None:
 
 
 def _metadata_filters(request: Request) -> dict[str, str]:
-    return {k[len("metadata["):-1]: v for k, v in request.query_params.items()
-            if k.startswith("metadata[") and k.endswith("]")}
+    filters = {k[len("metadata["):-1]: v for k, v in request.query_params.items()
+               if k.startswith("metadata[") and k.endswith("]")}
+    for key, value in filters.items():
+        # Compared in SQL: a NUL byte cannot reach Postgres, a double quote cannot sit in a SQLite JSON path.
+        if not key or '"' in key or "\x00" in key or "\x00" in value:
+            raise APIError(400, "invalid_metadata_filter", "A metadata filter key must be non-empty without '\"' or "
+                           "NUL characters, and its value without NUL characters.", param=f"metadata[{key}]")
+    return filters
 
 
 @router.get("", response_model=JobList)
@@ -62,9 +68,29 @@ def list_jobs(request: Request, project_id: ProjectId, session: SessionDep, limi
     return JobList(data=[JobObject.of(j) for j in jobs], has_more=has_more)
 
 
-@router.get("/{job_id}", response_model=JobObject)
-def get_job(job: OwnedJob):
-    return JobObject.of(job)
+_ETAG_HEADER = {"ETag": {"schema": {"type": "string"}, "description": "a strong validator of this job object"}}
+WaitQuery = Annotated[float | None, Query(
+    gt=0, le=60, description="long-poll: answer as soon as the job differs from the version in If-None-Match (or "
+                             "from the job when the request arrived), or after this many seconds (the server may "
+                             "wait less: REFINERY_LONG_POLL_MAX_SECONDS)")]
+IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match",
+                                           description="ETags the client holds: 304 while the job still matches")]
+
+
+@router.get("/{job_id}", response_model=JobObject,
+            responses={200: {"headers": _ETAG_HEADER},
+                       304: {"description": "Not Modified: the job still matches If-None-Match", "headers": _ETAG_HEADER}})
+async def get_job(job_id: PathId, project_id: ProjectId, settings: SettingsDep, request: Request,
+                  wait: WaitQuery = None, if_none_match: IfNoneMatch = None):
+    held = polling.parse_if_none_match(if_none_match)
+    wait = min(wait, settings.long_poll_max_seconds) if wait else None
+    job = await polling.read_or_wait(request, settings.database_url, project_id, job_id, wait, held)
+    if job is None:
+        raise not_found("job", job_id)
+    headers = {"ETag": job.etag, "Cache-Control": "private, no-cache"}
+    if polling.matches(job.etag, held):
+        return Response(status_code=304, headers=headers)
+    return Response(job.body, media_type="application/json", headers=headers)
 
 
 @router.post("/{job_id}/cancel", response_model=JobObject)

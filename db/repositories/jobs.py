@@ -1,7 +1,7 @@
 """Job rows: create (with its outbox message), fetch within a project, list with cursor and filters."""
 import time
 
-from sqlalchemy import case, func, select
+from sqlalchemy import Row, Select, case, func, select
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobEvent, OutboxMessage
@@ -32,29 +32,40 @@ def get_project_job(session: Session, project_id: str, job_id: str) -> Job | Non
     return session.scalar(select(Job).where(Job.id == job_id, Job.project_id == project_id))
 
 
-def list_jobs(session: Session, project_id: str, *, after: str | None, limit: int, status: str | None,
-              method: str | None, metadata: dict[str, str]) -> tuple[list[Job], bool]:
-    """Newest first; `after` is the last id of the previous page. Metadata filters are applied in Python after the
-    SQL filters (JSON operators differ between Postgres and SQLite), scanning in pages so limits still hold."""
+# What the public job object is made of (core.job_object.JobObject.of reads these by name): a status poll selects
+# only these columns, as plain rows, with no ORM entity, identity map or change tracking to build.
+JOB_VIEW_COLUMNS = (Job.id, Job.status, Job.method, Job.algorithm, Job.spec, Job.created_at, Job.started_at,
+                    Job.finished_at, Job.attempt, Job.max_attempts, Job.cancel_requested, Job.progress,
+                    Job.max_seconds, Job.used_seconds, Job.result, Job.error, Job.metadata_)
+
+
+def get_project_job_view(session: Session, project_id: str, job_id: str) -> Row | None:
+    """The job's public columns, if it belongs to the project: one primary-key read."""
+    return session.execute(select(*JOB_VIEW_COLUMNS).where(Job.id == job_id, Job.project_id == project_id)).first()
+
+
+def list_query(project_id: str, *, after: str | None, limit: int, status: str | None, method: str | None,
+               metadata: dict[str, str]) -> Select:
+    """Newest first; `after` is the last id of the previous page (keyset pagination). Every filter is SQL: status
+    and method walk ix_jobs_project_status_id / ix_jobs_project_method_id in id order; metadata compares the JSON
+    field as text (`metadata->>'k'` on Postgres, JSON_EXTRACT on SQLite), on the rows those indexes yield."""
     query = select(Job).where(Job.project_id == project_id).order_by(Job.id.desc())
     if status:
         query = query.where(Job.status == status)
     if method:
         query = query.where(Job.method == method)
+    for key, value in metadata.items():
+        query = query.where(Job.metadata_[key].as_string() == value)
     if after:
         query = query.where(Job.id < after)
-    if not metadata:
-        rows = list(session.scalars(query.limit(limit + 1)))
-        return rows[:limit], len(rows) > limit
-    matched: list[Job] = []
-    offset = 0
-    while len(matched) <= limit:
-        page = list(session.scalars(query.offset(offset).limit(500)))
-        if not page:
-            break
-        matched += [j for j in page if all((j.metadata_ or {}).get(k) == v for k, v in metadata.items())]
-        offset += len(page)
-    return matched[:limit], len(matched) > limit
+    return query.limit(limit + 1)
+
+
+def list_jobs(session: Session, project_id: str, *, after: str | None, limit: int, status: str | None,
+              method: str | None, metadata: dict[str, str]) -> tuple[list[Job], bool]:
+    rows = list(session.scalars(list_query(project_id, after=after, limit=limit, status=status, method=method,
+                                           metadata=metadata)))
+    return rows[:limit], len(rows) > limit
 
 
 def count_by_status(session: Session) -> dict[str, int]:
