@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: serve test install lint bench clean
+.PHONY: serve test install lint bench bench-quick bench-gpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,15 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The suite of side-by-side ratios (bench/results/summary.{json,md}); `make bench BENCH_ARGS=--quick` ≈ 5 minutes.
 bench: $(STAMP)
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m bench.run_all --quick
+
+bench-gpu: $(STAMP)
+	$(BIN)/python -m bench.gpu $(BENCH_ARGS)
 
 clean:
 	rm -rf .refinery .pytest_cache

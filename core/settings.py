@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     run_sweeper: bool = True
 
     max_upload_bytes: int = 512 * 1024 * 1024
+    # S3 artifact downloads answer 307 to a presigned URL valid this long, so the bytes never pass through the API.
+    s3_presigned_downloads: bool = False
+    presigned_url_seconds: int = Field(default=300, ge=1, le=7 * 24 * 3600)
     rate_limit_per_minute: int = 600
     # Where the per-key rate limit is kept: a redis:// URL shares one budget across API processes and replicas.
     # Empty means REFINERY_BROKER_URL when that is Redis, else a bucket in each API process (the embedded mode).

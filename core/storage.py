@@ -88,6 +88,16 @@ class ArtifactStore:
                 remaining -= len(chunk)
                 yield chunk
 
+    def local_path(self, key: str) -> str | None:
+        """The object's path on this machine when the store is a local directory (so it can be sent with sendfile)."""
+        return self._path(key) if "file" in self.fs.protocol or "local" in self.fs.protocol else None
+
+    def presigned_url(self, key: str, expires_seconds: int) -> str | None:
+        """A time-limited URL a client can GET directly (S3 and compatibles), or None when the store cannot sign."""
+        if "s3" not in self.fs.protocol and "s3a" not in self.fs.protocol:
+            return None
+        return self.fs.sign(self._path(key), expiration=expires_seconds)
+
     def copy_to(self, key: str, local_path: str) -> None:
         with self.open(key) as src, open(local_path, "wb") as dst:
             shutil.copyfileobj(src, dst, CHUNK)

@@ -1,18 +1,24 @@
-"""Artifact downloads: streamed from the store in constant memory, with HTTP byte ranges (RFC 9110 §14; one range
-per request, which is what download clients and resumers send) and the sha256 as ETag."""
+"""Artifact downloads with HTTP byte ranges (RFC 9110 §14; one range per request, which is what download clients and
+resumers send) and the sha256 as ETag: a local store's file goes out as a FileResponse (large reads in a thread, or
+the server's zero-copy path where it offers one), a remote store's is streamed in constant memory, and S3 objects
+can instead be a 307 to a presigned URL (REFINERY_S3_PRESIGNED_DOWNLOADS) so the bytes never pass through the API."""
 import re
 
 from fastapi import Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
 from api.errors import APIError, not_found
 from core.settings import Settings
-from core.storage import get_store
+from core.storage import CHUNK, get_store
 from db.models import Job
 from db.repositories.artifacts import get_artifact
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class _ArtifactFile(FileResponse):
+    chunk_size = CHUNK  # Starlette reads 64 KiB at a time by default: a thread hop per 64 KiB caps MB/s
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -54,6 +60,13 @@ def download_response(session: Session, settings: Settings, job: Job, name: str,
         return Response(status_code=304, headers=headers)
     store = get_store(settings.storage_url)
     byte_range = parse_range(range_, artifact.size)
+    if settings.s3_presigned_downloads and (url := store.presigned_url(artifact.storage_key,
+                                                                       settings.presigned_url_seconds)):
+        return RedirectResponse(url, status_code=307, headers=headers)
+    path = store.local_path(artifact.storage_key)
+    if path is not None and (range_ is None or byte_range is not None):
+        # FileResponse answers the (already validated) Range itself: 206, Content-Range, Content-Length.
+        return _ArtifactFile(path, media_type=artifact.content_type, headers=headers)
     start, end = byte_range or (0, artifact.size - 1)
     headers["Content-Length"] = str(max(0, end - start + 1))
     status = 200
