@@ -202,7 +202,7 @@ async def get_api_key(settings: SettingsDep,
     return key
 
 
-def get_project_id(key: Annotated[CallerKey, Depends(get_api_key)]) -> str:
+async def get_project_id(key: Annotated[CallerKey, Depends(get_api_key)]) -> str:
     return key.project_id
 
 
