@@ -76,3 +76,42 @@ def test_a_local_store_has_paths_and_no_presigned_urls(tmp_path):
     key, _, _ = store.put_file(str(source))
     assert open(store.local_path(key), "rb").read() == b"abc"
     assert store.presigned_url(key, 60) is None
+
+
+def test_presigned_downloads_answer_307_to_the_object(s3_store, tmp_path):
+    """With REFINERY_S3_PRESIGNED_DOWNLOADS the API's download answer is a redirect, ETag kept, and the bytes come from
+    S3. The ledger is a real (SQLite, migrated) database holding the job and artifact rows."""
+    import time
+
+    import httpx
+
+    from api.artifacts.service import download_response
+    from core.settings import Settings
+    from db.migrate import upgrade
+    from db.models import Artifact, Job, Project
+    from db.session import get_sessionmaker
+
+    payload = os.urandom(1024 * 1024 + 3)
+    (tmp_path / "model.onnx").write_bytes(payload)
+    key, sha, size = s3_store.put_file(str(tmp_path / "model.onnx"))
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    upgrade(url)
+    settings = Settings(home=tmp_path, database_url=url, storage_url="s3://refinery-test/artifacts",
+                        s3_presigned_downloads=True)
+    with get_sessionmaker(url)() as session:
+        session.add(Project(id="proj_s3", name="s3", created_at=time.time()))
+        session.flush()
+        job = Job(id="job_s3", project_id="proj_s3", status="succeeded", method="train", algorithm="sgd", spec={},
+                  metadata_={}, created_at=time.time(), attempt=1, max_attempts=3, cancel_requested=False,
+                  progress={}, max_seconds=600, used_seconds=0.0, dispatches=0)
+        session.add(job)
+        session.flush()
+        session.add(Artifact(id="art_s3", job_id=job.id, name="model.onnx", size=size, sha256=sha,
+                             content_type="application/octet-stream", storage_key=key, created_at=time.time()))
+        session.flush()
+        response = download_response(session, settings, job, "model.onnx", None, None)
+        assert response.status_code == 307 and response.headers["etag"] == f'"{sha}"'
+        assert httpx.get(response.headers["location"]).content == payload
+        assert download_response(session, settings, job, "model.onnx", None, f'"{sha}"').status_code == 304
+        off = settings.model_copy(update={"s3_presigned_downloads": False})
+        assert download_response(session, off, job, "model.onnx", None, None).status_code == 200
