@@ -5,7 +5,7 @@ import ipaddress
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from urllib.parse import SplitResult, urlunsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -88,3 +88,20 @@ def pin(parts: SplitResult, ip: IPAddress) -> PinnedTarget:
     if parts.port is not None:
         host_header += f":{parts.port}"
     return PinnedTarget(url=url, host_header=host_header, sni_hostname=host)
+
+
+def check_http_url(url: str, allowed: Callable[[IPAddress], bool]) -> tuple[SplitResult, IPAddress]:
+    """An http(s) URL without credentials whose host resolves, now, only to allowed addresses: its parts and the
+    address to connect to. Raises AddressRefused saying what is wrong (webhooks and MLflow export call this)."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https"):
+        raise AddressRefused("the URL must start with http:// or https://")
+    if parts.username is not None or parts.password is not None:
+        raise AddressRefused("credentials in the URL are not supported; put a token in the path or query instead")
+    if not parts.hostname:
+        raise AddressRefused("the URL names no host")
+    try:
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError:
+        raise AddressRefused("the URL's port is not a number in 0..65535") from None
+    return parts, resolve_checked(parts.hostname, port, allowed)[0]

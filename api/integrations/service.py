@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from api.errors import APIError
 from api.idempotency import replayed_id, request_hash
 from api.integrations.schemas import MlflowExportObject, MlflowExportRequest
-from core.netguard import AddressRefused, address_policy, resolve_checked
+from core.netguard import AddressRefused, address_policy, check_http_url
 from core.settings import Settings
 from core.storage import get_store
 from db.lifecycle import TERMINAL
@@ -89,19 +89,8 @@ def check_tracking_uri(uri: str, settings: Settings) -> None:
     """http(s) only, no credentials, and a host that resolves to addresses the outbound policy allows. This checks
     the name now; the MLflow client then resolves it again and connects by itself (check-then-connect, not a
     connection pinned to the checked address)."""
-    parts = urlsplit(uri)
-    if parts.scheme.lower() not in ("http", "https"):
-        raise _bad_uri("tracking_uri must start with http:// or https://.")
-    if parts.username is not None or parts.password is not None:
-        raise _bad_uri("Credentials in tracking_uri are not supported.")
-    if not parts.hostname:
-        raise _bad_uri("tracking_uri names no host.")
     try:
-        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
-    except ValueError:
-        raise _bad_uri("tracking_uri's port is not a number in 0..65535.") from None
-    try:
-        resolve_checked(parts.hostname, port, address_policy(settings.outbound_networks))
+        check_http_url(uri, address_policy(settings.outbound_networks))
     except AddressRefused as exc:
         raise _bad_uri(f"tracking_uri refused: {exc}.") from None
 

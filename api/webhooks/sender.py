@@ -15,12 +15,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
 
 import httpx
 from standardwebhooks import Webhook as Signer
 
-from core.netguard import AddressRefused, IPAddress, PinnedTarget, address_policy, pin, resolve_checked
+from core.netguard import AddressRefused, PinnedTarget, address_policy, check_http_url, pin
 from core.settings import Settings
 from db.repositories import webhooks as repo
 from db.session import transaction
@@ -39,22 +38,10 @@ class UnsafeURL(ValueError):
 def resolve_target(url: str, allowed) -> PinnedTarget:
     """Check `url` and resolve its host now, on every try (a name may be re-pointed after the endpoint was created):
     the pinned target to connect to, or UnsafeURL saying why not."""
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https"):
-        raise UnsafeURL("the URL must start with http:// or https://")
-    if parts.username is not None or parts.password is not None:
-        raise UnsafeURL("credentials in the URL are not supported; put a token in the path or query instead")
-    if not parts.hostname:
-        raise UnsafeURL("the URL names no host")
     try:
-        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
-    except ValueError:
-        raise UnsafeURL("the URL's port is not a number in 0..65535") from None
-    try:
-        ip: IPAddress = resolve_checked(parts.hostname, port, allowed)[0]
+        return pin(*check_http_url(url, allowed))
     except AddressRefused as exc:
         raise UnsafeURL(str(exc)) from None
-    return pin(parts, ip)
 
 
 def secret_signature(secret: str, msg_id: str, timestamp: int, body: str) -> str:
