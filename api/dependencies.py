@@ -179,6 +179,18 @@ def _lookup_key(url: str, digest: str) -> CallerKey | None:
     return CallerKey(*owner) if owner else None
 
 
+async def authenticate(settings: Settings, api_key: str) -> CallerKey | None:
+    """The active key's caller, from the cache or the ledger; None for an unknown or revoked key. The REST API's
+    Bearer keys and the dashboard's cookie both come through here."""
+    digest = hash_key(api_key)
+    key = key_cache.get(digest) if settings.auth_cache_seconds > 0 else None
+    if key is None:
+        key = await run_in_threadpool(_lookup_key, settings.database_url, digest)
+        if key is not None and settings.auth_cache_seconds > 0:
+            key_cache.put(digest, key, settings.auth_cache_seconds)
+    return key
+
+
 async def get_api_key(settings: SettingsDep,
                       credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> CallerKey:
     """Async, so a cached key costs no trip to a worker thread; a lookup uses its own short session, so a request
@@ -186,15 +198,10 @@ async def get_api_key(settings: SettingsDep,
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise APIError(401, "missing_api_key", "Send your API key as 'Authorization: Bearer <key>'.",
                        headers={"WWW-Authenticate": "Bearer"})
-    digest = hash_key(credentials.credentials)
-    key = key_cache.get(digest) if settings.auth_cache_seconds > 0 else None
+    key = await authenticate(settings, credentials.credentials)
     if key is None:
-        key = await run_in_threadpool(_lookup_key, settings.database_url, digest)
-        if key is None:
-            raise APIError(401, "invalid_api_key", "This API key is not valid or has been revoked.",
-                           headers={"WWW-Authenticate": "Bearer"})
-        if settings.auth_cache_seconds > 0:
-            key_cache.put(digest, key, settings.auth_cache_seconds)
+        raise APIError(401, "invalid_api_key", "This API key is not valid or has been revoked.",
+                       headers={"WWW-Authenticate": "Bearer"})
     wait = await retry_after(settings, key.id)
     if wait > 0:
         raise APIError(429, "rate_limited", f"Too many requests for this key; retry in {wait:.1f} s.",

@@ -3,12 +3,11 @@
 import re
 from typing import Annotated
 
-from fastapi import Cookie, Depends, Request
+from fastapi import Cookie, Depends
 
-from api.dependencies import ID_PATTERN, SessionDep, SettingsDep, rate_limiter
-from db.models import ApiKey, Job
+from api.dependencies import ID_PATTERN, CallerKey, SessionDep, SettingsDep, authenticate, retry_after
+from db.models import Job
 from db.repositories.jobs import get_project_job
-from db.repositories.projects import find_active_key
 
 COOKIE = "refinery_session"
 ID = re.compile(ID_PATTERN)
@@ -30,18 +29,18 @@ class RateLimited(Exception):
         self.retry_after = retry_after
 
 
-def get_ui_key(request: Request, session: SessionDep, settings: SettingsDep,
-               key: Annotated[str | None, Cookie(alias=COOKIE)] = None) -> ApiKey:
-    row = find_active_key(session, key) if key else None
-    if row is None:
+async def get_ui_key(settings: SettingsDep, key: Annotated[str | None, Cookie(alias=COOKIE)] = None) -> CallerKey:
+    """The same check, cache and (shared) rate limit as a Bearer key."""
+    caller = await authenticate(settings, key) if key else None
+    if caller is None:
         raise LoginRequired()
-    wait = rate_limiter.retry_after(row.id, settings.rate_limit_per_minute)
+    wait = await retry_after(settings, caller.id)
     if wait > 0:
         raise RateLimited(wait)
-    return row
+    return caller
 
 
-UiKey = Annotated[ApiKey, Depends(get_ui_key)]
+UiKey = Annotated[CallerKey, Depends(get_ui_key)]
 
 
 def get_ui_project_id(key: UiKey) -> str:
