@@ -63,6 +63,14 @@ class Budget(Strict):
     max_steps: int | None = Field(default=None, ge=1)
 
 
+class Resources(Strict):
+    """What a job runs on. `accelerator` and `devices` pick the worker pool (resource class `cpu`, `gpu`, `gpu-x4` …);
+    `devices` > 1 runs the training loop data-parallel over that many processes (DDP; gloo on CPU, NCCL on GPU)."""
+    accelerator: Literal["cpu", "gpu"] = "cpu"
+    devices: int = Field(default=1, ge=1, le=64, description="processes (CPU) or GPUs the training loop runs on")
+    nodes: int = Field(default=1, ge=1, le=64, description="machines; more than 1 needs a multi-node worker pool")
+
+
 class Forget(Strict):
     class_: int | None = Field(default=None, alias="class", ge=0)
     indices: list[int] | None = None
@@ -78,6 +86,7 @@ class JobSpec(Strict):
     dataset: DatasetRef
     params: dict[str, Any] = Field(default_factory=dict)
     budget: Budget = Field(default_factory=Budget)
+    resources: Resources = Field(default_factory=Resources)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     metadata: dict[str, Annotated[str, Field(max_length=512)]] = Field(default_factory=dict, max_length=32)
     # Method-specific inputs (distill / unlearn); validated by the method's own rules.

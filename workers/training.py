@@ -1,7 +1,8 @@
 """Building blocks every recipe's loop shares: device choice, optimizers and schedules, seeded epoch shuffles, and
 one epoch of optimisation with the per-step budget/cancel check and a NaN guard. The loss is the recipe's own."""
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -53,13 +54,19 @@ def epoch_batches(rows: int, batch_size: int, seed: int, epoch: int, device: tor
 
 
 def train_one_epoch(run: JobRun, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rows: int,
-                    batch_size: int, loss_of_batch: Callable[[torch.Tensor], torch.Tensor], *, seed: int, epoch: int,
-                    step: int, lr_hint: float | None = None) -> tuple[float, int]:
+                    batch_size: int, loss_of_batch: Callable[[Any], torch.Tensor], *, seed: int, epoch: int,
+                    step: int, lr_hint: float | None = None, batches: Iterable[Any] | None = None,
+                    rows_of: Callable[[Any], int] = len) -> tuple[float, int]:
     """One pass over `rows` in seeded batches: `loss_of_batch(indices)` gives the loss to minimise. Checks the budget
-    and cancel flag before every step. Returns (mean loss, new global step)."""
+    and cancel flag before every step. Returns (mean loss, new global step).
+
+    `batches` replaces the seeded index batches with another source (a streamed dataset's (x, y) batches);
+    `rows_of(batch)` then says how many rows each one holds."""
     model.train()
     total, seen = 0.0, 0
-    for index in epoch_batches(rows, batch_size, seed, epoch, next(model.parameters()).device):
+    if batches is None:
+        batches = epoch_batches(rows, batch_size, seed, epoch, next(model.parameters()).device)
+    for index in batches:
         run.check(step)
         loss = loss_of_batch(index)
         if not torch.isfinite(loss):
@@ -70,8 +77,9 @@ def train_one_epoch(run: JobRun, model: torch.nn.Module, optimizer: torch.optim.
         loss.backward()
         optimizer.step()
         step += 1
-        total += loss.item() * len(index)
-        seen += len(index)
+        n = rows_of(index)
+        total += loss.item() * n
+        seen += n
         if isinstance(run, JobRun):  # a helper process's Deadline has no heartbeat to report throughput through
-            run.count_samples(len(index))
+            run.count_samples(n)
     return total / max(1, seen), step
