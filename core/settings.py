@@ -6,6 +6,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.netguard import parse_networks
+from core.resources import parse_classes
 
 
 class Settings(BaseSettings):
@@ -22,6 +23,12 @@ class Settings(BaseSettings):
     data_roots: str = ""  # os.pathsep- or comma-separated directories that file:// URIs may read
     port: int = 8000
     workers: int = 1  # worker processes `refinery serve` starts and supervises
+    # Resource classes this worker serves (comma-separated: cpu, cpu-x2, gpu, gpu-x4 …, core/resources.py); it
+    # consumes their queues. Each worker writes its classes to the ledger every `worker_report_seconds`; a class no
+    # worker reported within `worker_seen_seconds` shows its queued jobs as waiting_for no_worker_for_class.
+    worker_classes: str = "cpu"
+    worker_report_seconds: float = Field(default=5.0, gt=0)
+    worker_seen_seconds: float = Field(default=30.0, gt=0)
 
     # Budget: the server default when a spec names none, and the cap no spec may exceed.
     default_max_seconds: int = 600
@@ -84,6 +91,12 @@ class Settings(BaseSettings):
     @classmethod
     def _networks_parse(cls, value: str) -> str:
         parse_networks(value)  # a bad CIDR stops the process at start, naming the entry
+        return value
+
+    @field_validator("worker_classes")
+    @classmethod
+    def _classes_parse(cls, value: str) -> str:
+        parse_classes(value)  # a typo stops the worker at start, naming the entry
         return value
 
     @field_validator("webhook_retry_seconds")

@@ -123,7 +123,9 @@ class Platform:
 
     def start_worker(self) -> None:
         from core.embedded import worker_args
-        self.worker_proc = self._spawn(worker_args(self.env["REFINERY_QUEUE"]), "worker.log")
+        from core.resources import class_queues
+        queues = class_queues(self.env["REFINERY_QUEUE"], self.env.get("REFINERY_WORKER_CLASSES", "cpu"))
+        self.worker_proc = self._spawn(worker_args(",".join(queues)), "worker.log")
 
     def kill_worker(self, sig=signal.SIGKILL) -> None:
         if self.worker_proc and self.worker_proc.poll() is None:
@@ -179,6 +181,8 @@ def platform(pg_url, redis_client, data_root, tmp_path_factory):
                REFINERY_HEARTBEAT_SECONDS="1", REFINERY_CHECKPOINT_SECONDS="1", REFINERY_REDISPATCH_SECONDS="3",
                REFINERY_SWEEP_SECONDS="0.5", REFINERY_MAX_UPLOAD_BYTES=str(2_000_000),
                REFINERY_RATE_LIMIT_PER_MINUTE="100000", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               # The worker serves 1- and 2-process CPU jobs (resource classes cpu and cpu-x2, core/resources.py).
+               REFINERY_WORKER_CLASSES="cpu,cpu-x2",
                # Webhook receivers in the tests listen on loopback; short retries and timeouts keep the tests quick.
                REFINERY_OUTBOUND_ALLOWED_NETWORKS="127.0.0.0/8", REFINERY_WEBHOOK_RETRY_SECONDS="0,1,1,1,1",
                REFINERY_WEBHOOK_CONNECT_TIMEOUT_SECONDS="1", REFINERY_WEBHOOK_TIMEOUT_SECONDS="10",
