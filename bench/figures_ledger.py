@@ -23,19 +23,20 @@ CALLS = 20  # per query per repetition; the median of these is one repetition's 
 
 
 def fill(url: str, jobs: int, queued: int, events: int) -> None:
-    """`jobs` jobs (the last `queued` of them queued, the rest succeeded), `events` events on job 0."""
+    """`jobs` jobs (the last `queued` of them queued, the rest succeeded), `events` events on job 0. The queued ones
+    were published just now, once: due again in 10 s (REFINERY_REDISPATCH_SECONDS' default)."""
     spec = json.dumps({"method": "train", "dataset": {"uri": "builtin://digits"}, "params": {"epochs": 5}})
     now = time.time()
     with psycopg.connect(url) as conn, conn.cursor() as cur:
         cur.execute("INSERT INTO projects (id, name, created_at) VALUES (%s, %s, %s)", (PROJECT, "bench", now))
         with cur.copy("COPY jobs (id, project_id, status, method, algorithm, spec, metadata, created_at, attempt, "
                       "max_attempts, cancel_requested, progress, max_seconds, used_seconds, dispatches, "
-                      "last_dispatched_at) FROM STDIN") as copy:
+                      "last_dispatched_at, next_dispatch_at) FROM STDIN") as copy:
             for i in range(jobs):
                 is_queued = i >= jobs - queued
                 copy.write_row((f"job_{i:012d}", PROJECT, "queued" if is_queued else "succeeded", "train", "sgd",
                                 spec, f'{{"team": "t{i % 7}"}}', now - jobs + i, 1, 3, False, "{}", 600, 1.0,
-                                1 if is_queued else 0, now if is_queued else None))
+                                1 if is_queued else 0, now if is_queued else None, now + 10 if is_queued else None))
         with cur.copy("COPY job_events (job_id, created_at, level, type, message, data, attempt) FROM STDIN") as copy:
             for i in range(events):
                 copy.write_row(("job_000000000000", now + i / 1e3, "info", "train.epoch", f"epoch {i}", "{}", 1))
@@ -71,7 +72,7 @@ def queries(session, jobs: int, events: int) -> dict:
         "list, keyset page in the middle": lambda: list_jobs(session, PROJECT, after=middle, limit=20, status=None,
                                                              method=None, metadata=no_metadata),
         "get by id": lambda: get_project_job(session, PROJECT, middle),
-        "dispatcher stale-queued sweep": lambda: stale_queued_jobs(session, time.time(), 10.0, 300.0),
+        "dispatcher stale-queued sweep": lambda: stale_queued_jobs(session, time.time()),
         "events page deep in one job": lambda: list_events(session, "job_000000000000", after_seq=deep_seq,
                                                            limit=100),
     }

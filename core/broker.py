@@ -1,6 +1,7 @@
 """The Celery app both sides share. The API only publishes a job id by task name; the broker only wakes workers."""
 from celery import Celery
 
+from core.resources import queue_for
 from core.settings import Settings, get_settings
 
 RUN_JOB = "refinery.run_job"
@@ -41,6 +42,11 @@ celery_app = make_celery(get_settings())
 def publish(job_id: str, queue: str | None = None) -> None:
     """Wake a worker for this job. Failing here loses nothing: the dispatcher sweep publishes again."""
     celery_app.send_task(RUN_JOB, args=[job_id], queue=queue or get_settings().queue, retry=False)
+
+
+def publish_job(job_id: str, resource_class: str) -> None:
+    """Wake a worker of the job's resource class: publish to that class's queue (core/resources.py)."""
+    publish(job_id, queue_for(resource_class, get_settings().queue))
 
 
 def ping_broker() -> bool:

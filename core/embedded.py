@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from core.resources import class_queues
 from core.settings import Settings
 
 # Idle keep-alive connections live this long: past typical client pool and load-balancer idle times, so a client
@@ -19,8 +20,8 @@ STABLE_SECONDS = 10.0  # a child up this long before it died was not crash-loopi
 
 
 def worker_args(queue: str) -> list[str]:
-    """One job per worker process (solo pool); gossip, mingle and broker heartbeats are not needed: the ledger's
-    leases are what detect a dead worker."""
+    """One job per worker process (solo pool) on `queue` (comma-separated queues: core.resources.class_queues);
+    gossip, mingle and broker heartbeats are not needed: the ledger's leases are what detect a dead worker."""
     return ["-m", "celery", "-A", "workers.app", "worker", "--pool=solo", "--concurrency=1", "-Q", queue,
             "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel=INFO"]
 
@@ -91,7 +92,8 @@ def serve(settings: Settings) -> None:
         Child("api", ["-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(settings.port),
                       "--timeout-keep-alive", str(KEEP_ALIVE_SECONDS), *api_process_args(settings),
                       "--log-level", "warning"], env, logs / "api.log"),
-        *(Child(f"worker-{i + 1}", worker_args(settings.queue), env, logs / f"worker-{i + 1}.log")
+        *(Child(f"worker-{i + 1}", worker_args(",".join(class_queues(settings.queue, settings.worker_classes))), env,
+                logs / f"worker-{i + 1}.log")
           for i in range(max(1, settings.workers))),
     ]
     for child in children:

@@ -32,6 +32,14 @@ class JobError(BaseModel):
     model_config = {"populate_by_name": True}
 
 
+class WaitingFor(BaseModel):
+    """Why a queued job has not started (core/resources.waiting_for): `no_worker_for_class` when no live worker
+    serves its resource class, `worker_busy` when every one that does is running another job."""
+    reason: Literal["no_worker_for_class", "worker_busy"]
+    resource_class: str
+    message: str
+
+
 def public_progress(job: "Job") -> dict[str, Any]:
     return {"fraction": 0.0, "step": 0, "total_steps": None, "eta_seconds": None, **(job.progress or {})}
 
@@ -54,11 +62,14 @@ class JobObject(BaseModel):
     result: dict[str, Any] | None
     error: JobError | None
     metadata: dict[str, str]
+    resource_class: str  # the worker pool it runs on (core/resources.py): cpu, cpu-x2, gpu, gpu-x4 …
+    waiting_for: WaitingFor | None = None  # queued jobs only, where the API knows (db/worker_registry.py)
 
     @classmethod
-    def of(cls, job: "Job") -> "JobObject":
+    def of(cls, job: "Job", waiting_for: dict[str, str] | None = None) -> "JobObject":
         budget = job.spec.get("budget") or {}
         return cls(id=job.id, status=job.status, method=job.method, algorithm=job.algorithm, spec=job.spec,
+                   resource_class=job.resource_class, waiting_for=waiting_for,
                    created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
                    attempt=job.attempt, max_attempts=job.max_attempts, cancel_requested=job.cancel_requested,
                    progress=Progress(**public_progress(job)),

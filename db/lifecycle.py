@@ -126,7 +126,7 @@ def reap_expired(session: Session, now: float | None = None) -> list[tuple[str, 
     requeued = list(session.execute(
         update(Job).where(Job.status == "running", Job.lease_expires_at < now)
         .values(status="queued", attempt=Job.attempt + 1, lease_token=None, lease_expires_at=None, worker=None,
-                last_dispatched_at=None, dispatches=0)
+                last_dispatched_at=None, dispatches=0, next_dispatch_at=now)  # the next sweep publishes it
         .returning(Job.id, Job.attempt, Job.project_id)))
     changes += [(job_id, "queued") for job_id, _, _ in requeued]
     for job_id, attempt, project_id in requeued:

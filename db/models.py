@@ -1,4 +1,5 @@
 """SQLAlchemy 2 models. Timestamps are Unix seconds (float) so Postgres and SQLite compare them the same way."""
+import time
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
@@ -52,6 +53,10 @@ class Job(Base):
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     last_dispatched_at: Mapped[float | None] = mapped_column(Float)
     dispatches: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # publishes since last queued
+    # The worker pool the job needs (core/resources.py): its Celery queue.
+    resource_class: Mapped[str] = mapped_column(String(64), default="cpu", server_default="cpu")
+    # When the dispatcher publishes the queued job (again): due at creation and requeue, backed off at each publish.
+    next_dispatch_at: Mapped[float | None] = mapped_column(Float, default=time.time)
 
     __table_args__ = (
         Index("ix_jobs_project_id_id", "project_id", "id"),
@@ -59,6 +64,7 @@ class Job(Base):
         Index("ix_jobs_project_status_id", "project_id", "status", "id"),
         Index("ix_jobs_project_method_id", "project_id", "method", "id"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        Index("ix_jobs_status_next_dispatch", "status", "next_dispatch_at"),
     )
 
 
@@ -133,6 +139,17 @@ class OutboxMessage(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
     created_at: Mapped[float] = mapped_column(Float)
     published_at: Mapped[float | None] = mapped_column(Float, index=True)
+
+
+class Worker(Base):
+    """A worker process as it reports itself every REFINERY_WORKER_REPORT_SECONDS: the resource classes it serves and
+    the job it runs, if any. Rows not seen for a while are workers gone; they are deleted after a day."""
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # host:pid
+    classes: Mapped[list[Any]] = mapped_column(JSON)
+    started_at: Mapped[float] = mapped_column(Float)
+    seen_at: Mapped[float] = mapped_column(Float, index=True)
+    job_id: Mapped[str | None] = mapped_column(String(40))
 
 
 class Webhook(Base):

@@ -1,14 +1,25 @@
-"""Celery worker entry point: `celery -A workers.app worker --pool=solo`. Registers the run_job task by name, and on
-Redis starts the stalled-consumer watchdog (workers/watchdog.py)."""
-from celery.signals import task_postrun, task_prerun, worker_ready
+"""Celery worker entry point: `celery -A workers.app worker --pool=solo`. Registers the run_job task by name; consumes
+the queues of the resource classes in REFINERY_WORKER_CLASSES (core/resources.py) unless `-Q` names others; reports
+itself to the ledger's worker registry (db/worker_registry.py); and on Redis starts the stalled-consumer watchdog
+(workers/watchdog.py) over those queues."""
+from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutdown
+from kombu import Exchange, Queue
 
 from core.broker import RUN_JOB, celery_app
+from core.resources import class_of_queue, class_queues, parse_classes
 from core.settings import get_settings
+from db.worker_registry import Reporter
+from workers.runtime import worker_name
 from workers.tasks import execute
 from workers.watchdog import Watchdog, redis_queue_depth
 
 app = celery_app
+# Declared the way a publisher's send_task(queue=name) declares a queue it does not know (a direct exchange of the
+# same name), so both sides agree on every transport.
+app.conf.task_queues = [Queue(name, Exchange(name), routing_key=name)
+                        for name in class_queues(get_settings().queue, get_settings().worker_classes)]
 watchdog: Watchdog | None = None
+reporter: Reporter | None = None
 
 
 @app.task(name=RUN_JOB, acks_late=True, ignore_result=True)
@@ -17,21 +28,38 @@ def run_job(job_id: str) -> str:
 
 
 @worker_ready.connect
-def _start_watchdog(**_) -> None:
-    global watchdog
+def _start(sender=None, **_) -> None:
+    global watchdog, reporter
     settings = get_settings()
+    # What this worker really consumes (`-Q` may have narrowed or replaced REFINERY_WORKER_CLASSES' queues) is what
+    # it reports serving.
+    consumed = [queue.name for queue in sender.app.amqp.queues.consume_from.values()] if sender else []
+    classes = [name for name in (class_of_queue(queue, settings.queue) for queue in consumed) if name]
+    reporter = Reporter(settings, worker_name(), classes or parse_classes(settings.worker_classes))
+    reporter.start()
     if settings.broker_url.startswith(("redis://", "rediss://")) and settings.worker_stall_seconds > 0:
-        watchdog = Watchdog(redis_queue_depth(settings.broker_url, settings.queue), settings.worker_stall_seconds)
+        depths = [redis_queue_depth(settings.broker_url, name) for name in consumed or [settings.queue]]
+        watchdog = Watchdog(lambda: sum(depth() for depth in depths), settings.worker_stall_seconds)
         watchdog.start()
 
 
+@worker_shutdown.connect
+def _stop(**_) -> None:
+    if reporter:
+        reporter.stop()
+
+
 @task_prerun.connect
-def _busy(**_) -> None:
+def _busy(args=None, **_) -> None:
     if watchdog:
         watchdog.busy.set()
+    if reporter and args:
+        reporter.busy(str(args[0]))
 
 
 @task_postrun.connect
 def _idle(**_) -> None:
     if watchdog:
         watchdog.busy.clear()
+    if reporter:
+        reporter.idle()

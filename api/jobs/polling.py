@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.limits import outside_gate
 from core.job_object import JobObject
+from db import worker_registry
 from db.repositories import jobs as job_repo
 from db.session import transaction
 
@@ -36,7 +37,7 @@ def read_job_body(url: str, project_id: str, job_id: str) -> JobBody | None:
         row = job_repo.get_project_job_view(session, project_id, job_id)
     if row is None:
         return None
-    body = JobObject.of(row).model_dump_json(by_alias=True).encode()
+    body = JobObject.of(row, worker_registry.waiting_for(url, row)).model_dump_json(by_alias=True).encode()
     return JobBody(body, etag_of(body))
 
 

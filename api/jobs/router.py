@@ -13,8 +13,9 @@ from api.errors import V1_ERRORS, APIError, documented, not_found
 from api.jobs import polling, service
 from api.jobs.dependencies import OwnedJob
 from api.jobs.schemas import EventList, EventObject, JobList, JobObject, MetricList, MetricPointObject, MetricSeries
-from core.broker import publish
+from core.broker import publish_job
 from core.spec import JobSpec
+from db import worker_registry
 from db.lifecycle import TERMINAL, request_cancel
 from db.repositories import events as event_repo
 from db.repositories import jobs as job_repo
@@ -35,14 +36,14 @@ def create_job(spec: JobSpec, project_id: ProjectId, session: SessionDep, settin
         publish_after_commit(session, job.id)
     else:
         response.headers["Idempotent-Replayed"] = "true"
-    return JobObject.of(job)
+    return JobObject.of(job, worker_registry.waiting_for(settings.database_url, job))
 
 
 def publish_after_commit(session: Session, job_id: str) -> None:
     """Wake a worker for a committed job. If the broker is down the outbox row stays and the dispatcher sweep
     retries, so a failure here loses nothing. Shared with the dashboard's new-job form."""
     try:
-        publish(job_id)
+        publish_job(job_id, job_repo.get_job(session, job_id).resource_class)
         mark_published(session, job_id)
         session.commit()
     except Exception:
@@ -61,11 +62,12 @@ def _metadata_filters(request: Request) -> dict[str, str]:
 
 
 @router.get("", response_model=JobList)
-def list_jobs(request: Request, project_id: ProjectId, session: SessionDep, limit: Limit = 20,
+def list_jobs(request: Request, project_id: ProjectId, session: SessionDep, settings: SettingsDep, limit: Limit = 20,
               after: CursorQuery = None, status: JobStatus | None = None, method: NameQuery = None):
     jobs, has_more = job_repo.list_jobs(session, project_id, after=after, limit=limit, status=status, method=method,
                                         metadata=_metadata_filters(request))
-    return JobList(data=[JobObject.of(j) for j in jobs], has_more=has_more)
+    return JobList(data=[JobObject.of(j, worker_registry.waiting_for(settings.database_url, j)) for j in jobs],
+                   has_more=has_more)
 
 
 _ETAG_HEADER = {"ETag": {"schema": {"type": "string"}, "description": "a strong validator of this job object"}}

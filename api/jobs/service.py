@@ -9,6 +9,7 @@ from api.errors import APIError, loc_to_param
 from api.idempotency import replayed_id, request_hash
 from core.catalog import METHODS, SpecProblem, find_algorithm
 from core.ids import new_id
+from core.resources import resource_class
 from core.settings import Settings
 from core.spec import JobSpec
 from db.models import Job
@@ -64,7 +65,7 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
     job = Job(id=new_id("job"), project_id=project_id, status="queued", method=data["method"],
               algorithm=data["algorithm"], spec=data, metadata_=data.get("metadata", {}), created_at=time.time(),
               attempt=1, max_attempts=settings.max_attempts, max_seconds=data["budget"]["max_seconds"],
-              used_seconds=0.0, cancel_requested=False, progress={})
+              used_seconds=0.0, cancel_requested=False, progress={}, resource_class=resource_class(spec.resources))
     try:
         with session.begin_nested():
             insert_job(session, job)

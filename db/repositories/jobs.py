@@ -38,7 +38,8 @@ def get_project_job(session: Session, project_id: str, job_id: str) -> Job | Non
 _jobs = Job.__table__
 _JOB_VIEW = (select(*(_jobs.c[name] for name in (
     "id", "status", "method", "algorithm", "spec", "created_at", "started_at", "finished_at", "attempt",
-    "max_attempts", "cancel_requested", "progress", "max_seconds", "used_seconds", "result", "error")),
+    "max_attempts", "cancel_requested", "progress", "max_seconds", "used_seconds", "result", "error",
+    "resource_class")),
     _jobs.c.metadata.label("metadata_"))
     .where(_jobs.c.id == bindparam("job_id"), _jobs.c.project_id == bindparam("project_id")))
 

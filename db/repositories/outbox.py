@@ -1,9 +1,11 @@
-"""The outbox: publish requests written with the job, marked when the broker has taken them."""
+"""The outbox: publish requests written with the job, marked when the broker has taken them; and the dispatcher's
+pick of queued jobs due for another publish (jobs.next_dispatch_at, set at each publish)."""
 import time
 
 from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
+from core.settings import get_settings
 from db.models import Job, OutboxMessage
 
 
@@ -12,27 +14,45 @@ def pending(session: Session, limit: int = 100) -> list[OutboxMessage]:
                                 .order_by(OutboxMessage.id).limit(limit)))
 
 
-def mark_published(session: Session, job_id: str) -> None:
+def pending_jobs(session: Session, limit: int = 100) -> list[tuple[str, str]]:
+    """(job id, resource class) of the outbox messages not published yet, oldest first."""
+    rows = session.execute(select(OutboxMessage.job_id, Job.resource_class).join(Job, Job.id == OutboxMessage.job_id)
+                           .where(OutboxMessage.published_at.is_(None)).order_by(OutboxMessage.id).limit(limit))
+    return [(job_id, resource_class) for job_id, resource_class in rows]
+
+
+def redispatch_wait(every: float, cap: float):
+    """Seconds until the next publish, as SQL over the publish count after this one: every, 2·every, 4·every … up to
+    cap, so a long queue of jobs waiting for busy workers does not fill the broker with duplicates. A CASE, not
+    power(): portable (SQLite has none), a handful of steps."""
+    steps, wait = [], every
+    while wait < cap:
+        steps.append((Job.dispatches + 1 <= len(steps) + 1, wait))
+        wait *= 2
+    return case(*steps, else_=cap) if steps else cap
+
+
+def mark_published(session: Session, job_id: str, every: float | None = None, cap: float | None = None) -> None:
+    """The broker took the job's message: the outbox row is done, and the job is due again after the backoff
+    (REFINERY_REDISPATCH_SECONDS doubling up to REFINERY_REDISPATCH_MAX_SECONDS unless given)."""
+    if every is None or cap is None:
+        settings = get_settings()
+        every, cap = settings.redispatch_seconds, settings.redispatch_max_seconds
     now = time.time()
     session.execute(update(OutboxMessage).where(OutboxMessage.job_id == job_id, OutboxMessage.published_at.is_(None))
                     .values(published_at=now))
-    session.execute(update(Job).where(Job.id == job_id).values(last_dispatched_at=now, dispatches=Job.dispatches + 1))
+    session.execute(update(Job).where(Job.id == job_id)
+                    .values(last_dispatched_at=now, next_dispatch_at=now + redispatch_wait(every, cap),
+                            dispatches=Job.dispatches + 1))
 
 
-def stale_queued_jobs(session: Session, now: float, every: float, cap: float, limit: int = 100) -> list[str]:
-    """Queued jobs whose message may be lost (broker restarted, publisher crashed): never published, or published
-    long enough ago. The wait doubles with each publish (every, 2·every, 4·every … up to cap), so a long queue of
-    jobs waiting for busy workers does not fill the broker with duplicates."""
-    # The doubling as a CASE over the publish count: portable SQL (SQLite has no power()), a handful of steps.
-    steps, wait = [], every
-    while wait < cap:
-        steps.append((Job.dispatches <= len(steps) + 1, wait))
-        wait *= 2
-    due_after = case(*steps, else_=cap) if steps else every
-    return list(session.scalars(
-        select(Job.id)
-        .where(Job.status == "queued", Job.last_dispatched_at.is_(None) | (Job.last_dispatched_at <= now - due_after))
-        .order_by(Job.last_dispatched_at.is_not(None), Job.last_dispatched_at).limit(limit)))
+def stale_queued_jobs(session: Session, now: float, limit: int = 100) -> list[tuple[str, str]]:
+    """(job id, resource class) of queued jobs whose message may be lost (broker restarted, publisher crashed): due
+    by next_dispatch_at, soonest first. One range of ix_jobs_status_next_dispatch, however long the queue."""
+    rows = session.execute(select(Job.id, Job.resource_class)
+                           .where(Job.status == "queued", Job.next_dispatch_at <= now)
+                           .order_by(Job.next_dispatch_at).limit(limit))
+    return [(job_id, resource_class) for job_id, resource_class in rows]
 
 
 def queue_depth(session: Session) -> int:
