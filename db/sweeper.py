@@ -29,9 +29,9 @@ def publish_and_mark(settings: Settings, job_id: str, resource_class: str) -> bo
 
 def sweep_once(settings: Settings) -> dict[str, int]:
     url = settings.database_url
-    now = time.time()
     with transaction(url) as session:
         reaped = reap_expired(session)
+    now = time.time()  # after the reap, so the jobs it requeued (due at its own now) are published in this sweep
     with transaction(url) as session:
         due = dict(outbox.pending_jobs(session) + outbox.stale_queued_jobs(session, now))
         workers.forget(session, now - FORGET_WORKERS_SECONDS)
