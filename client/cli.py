@@ -116,6 +116,32 @@ def cmd_logs(args) -> int:
     return 0 if status == "succeeded" else 1
 
 
+def cmd_verify_certificate(args) -> int:
+    """Exit 0 when the signature and every hash that can be recomputed hold; 1, naming each problem, otherwise."""
+    from client.certificates import CertificateError, certificate_key, verify_certificate
+
+    try:
+        key = certificate_key(args.key, args.key_file)
+        if args.job:
+            checked = _client(args).verify_certificate(args.job, args.file, key, dataset=args.dataset)
+        else:
+            folder = Path(args.artifacts) if args.artifacts else Path(args.file).parent
+            files = {name: folder / name for name in ("model.safetensors", "model.onnx", "model.json")
+                     if (folder / name).exists()}
+            checked = verify_certificate(json.loads(Path(args.file).read_text()), key, files,
+                                         Path(args.original) if args.original else None,
+                                         Path(args.dataset) if args.dataset else None)
+    except CertificateError as error:
+        for problem in error.problems:
+            console.print(f"[red]certificate invalid: {problem}[/red]")
+        return 1
+    except (OSError, ValueError) as error:
+        console.print(f"[red]certificate unreadable: {error}[/red]")
+        return 1
+    console.print(f"certificate valid for {checked['job_id']}: checked {', '.join(checked['checked'])}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from core.embedded import serve
     from core.settings import get_settings
@@ -241,6 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("dest", nargs="?", default=".")
     p.set_defaults(func=cmd_download)
+    p = sub.add_parser("verify-certificate", help="check an unlearn job's certificate.json: its signature and the "
+                                                  "hashes of the model files (and dataset) it certifies")
+    p.add_argument("file", help="certificate.json")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--artifacts", help="folder holding the job's model.safetensors / model.onnx / model.json "
+                                           "(default: the certificate's folder)")
+    where.add_argument("--job", help="download the job's artifacts and the original model's weights to check")
+    p.add_argument("--original", help="the original model's model.safetensors (with --artifacts)")
+    p.add_argument("--dataset", help="the training file (.npz): recompute the forget set's sha256 from its rows")
+    p.add_argument("--key", help="the signing key (default: REFINERY_CERTIFICATE_KEY, else "
+                                 "$REFINERY_HOME/certificate_key)")
+    p.add_argument("--key-file")
+    p.set_defaults(func=cmd_verify_certificate)
     p = sub.add_parser("upload", help="upload a dataset or model file")
     p.add_argument("path")
     p.add_argument("--purpose", default="dataset", choices=["dataset", "model"])

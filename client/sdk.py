@@ -137,6 +137,31 @@ class Refinery:
         partial.replace(dest)
         return dest
 
+    def verify_certificate(self, job_id: str, certificate: str | Path | None = None, key: bytes | None = None,
+                           dest: str | Path | None = None, dataset: str | Path | None = None) -> dict[str, Any]:
+        """Check an unlearn job's deletion certificate (its own certificate.json, or the file `certificate`) against
+        the job's model files and the original model's weights, downloaded into `dest` (a temporary folder when
+        unset); raises client.certificates.CertificateError naming what does not hold."""
+        import tempfile
+
+        from client.certificates import certificate_key, verify_certificate
+
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(dest or scratch)
+            folder.mkdir(parents=True, exist_ok=True)
+            path = Path(certificate) if certificate else self.download(job_id, "certificate.json", folder)
+            document = json.loads(Path(path).read_text())
+            names = [a["name"] for a in self.artifacts(job_id)]
+            files = {name: self.download(job_id, name, folder) for name in ("model.safetensors", "model.onnx",
+                                                                            "model.json") if name in names}
+            first = ((document.get("certificate") or {}).get("original_model") or {}).get("uri", "")
+            original = None
+            if first.startswith("job://") and "/" not in first.removeprefix("job://"):
+                (folder / "original").mkdir(exist_ok=True)
+                original = self.download(first.removeprefix("job://"), "model.safetensors", folder / "original")
+            return verify_certificate(document, key or certificate_key(), files, original,
+                                      Path(dataset) if dataset else None)
+
     def upload(self, path: str | Path, purpose: str = "dataset") -> dict[str, Any]:
         path = Path(path)
         with open(path, "rb") as f:

@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     webhook_poll_seconds: float = 0.5
     webhook_sender_threads: int = Field(default=8, ge=1, le=64)  # endpoints served at once, one delivery each
 
+    # Signs unlearn jobs' deletion certificates (HMAC-SHA256). Unset: a random key made on first use and kept in
+    # $REFINERY_HOME/certificate_key (mode 600); workers on several machines must share one, so set it there.
+    certificate_key: str | None = None
+
     torch_threads: int = 1
     device: str = "auto"  # cpu | cuda | auto (cuda when available)
 

@@ -2,6 +2,7 @@
 oracle_matching — then report forget / retain / test accuracy, membership inference, cost against a retrain, the
 forget set's audit trail and, with `evaluate.oracles: K`, KLoM against K retrained oracles beside its floor."""
 import copy
+import json
 import time
 from dataclasses import replace
 from typing import Any
@@ -9,15 +10,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from core.spec import ModelRef
 from workers.checkpoints import pack
 from workers.errors import JobFailure
 from workers.evaluation import predict_logits
-from workers.inputs import resolve_model
+from workers.inputs import _fetch, resolve_model
 from workers.methods import Outcome, register
 from workers.models import default_arch
 from workers.outputs import publish_model
 from workers.runtime import JobRun, Stop
 from workers.training import pick_device
+from workers.unlearning import certificate
 from workers.unlearning.algorithms import (
     MATCHING,
     PARAMS,
@@ -28,9 +31,10 @@ from workers.unlearning.algorithms import (
     retrain_params,
 )
 from workers.unlearning.attribution import Attribution, get_attribution
+from workers.unlearning.chain import Step, evaluate_chain
 from workers.unlearning.ensemble import Shared
 from workers.unlearning.fitting import Fitting, fresh_model
-from workers.unlearning.forget_set import load_unlearning_data
+from workers.unlearning.forget_set import TRAINING_SET_RECIPE, load_unlearning_data
 from workers.unlearning.oracles import evaluate_with_oracles, matching_shift, model_scores
 from workers.unlearning.origin import find_origin
 
@@ -60,6 +64,16 @@ class Unlearning:
         model, self.model_info = resolve_model(run, run.spec.model, d.train, default_arch(d.train.kind))
         self.original = copy.deepcopy(model).cpu().eval()
         self.model = model.to(self.device)
+        # The model before any deletion of the chain: dmm's attribution is keyed to it, the matching targets start
+        # from its outputs, and the certificate names it. For a first deletion it is the model given.
+        self.root_uri = self.origin.root_model_uri(run.spec.model.uri)
+        self.root = self.original
+        if self.origin.chain:
+            root, _ = resolve_model(run, ModelRef(uri=self.root_uri), d.train, default_arch(d.train.kind))
+            self.root = root.cpu().eval()
+            run.event("chain.resolved", f"Deletion request {len(d.requests)} of a chain from {self.root_uri}: the "
+                      f"cumulative forget set holds {d.audit['size']} rows.", jobs=[r["job_id"] for r in d.requests],
+                      cumulative_size=d.audit["size"], cumulative_sha256=d.audit["sha256"])
         self.recipe = self.origin.recipe(self.model_info)
         self.rows = make_rows(d.train, d.forget, d.test, self.device)
         audit = d.audit
@@ -71,6 +85,7 @@ class Unlearning:
         self.resume: tuple[dict, dict] | None = None
         self.loop = None
         self.prepared: dict[str, Any] = {}
+        self._attributions: dict[int, Attribution] = {}
 
     def load_checkpoint(self, groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
         # The loop is built in run(), once dmm's or oracle_matching's targets exist; the state waits until then.
@@ -99,10 +114,12 @@ class Unlearning:
         self.model = self.loop.result().cpu().eval()
         cost = self._cost(run, self.seconds)
         scores = {"original": self._scores(self.original), "unlearned": self._scores(self.model)}
+        if self.origin.chain:
+            scores["first"] = self._scores(self.root)
         evaluation, stopped_by = self._klom(run, stopped_by)
         data = self.data
         sections = {"comparison": self._comparison(scores, evaluation), "unlearning": self._summary(),
-                    "forget_set": data.audit, "cost": cost, **self.prepared,
+                    "forget_set": data.audit, "chain": self._chain_section(run), "cost": cost, **self.prepared,
                     "origin": {"train_job": self.origin.train_job, "note": self.origin.note}}
         if evaluation is not None:
             sections.update(self._klom_sections(evaluation, cost))
@@ -115,7 +132,55 @@ class Unlearning:
         if evaluation is not None and "table" in evaluation:
             headline["klom95"] = {row["rows"]: {"unlearned": row["unlearned"], "floor": row["floor"]}
                                   for row in evaluation["table"]}
+        headline["chain"] = [{key: r[key] for key in ("job_id", "size", "sha256")} for r in data.requests]
+        headline["certificate_sha256"] = self._certify(run, scores, evaluation, sections["chain"])
         return Outcome(stopped_by=stopped_by, metrics={**result, **headline})
+
+    def _chain_section(self, run: JobRun) -> dict[str, Any]:
+        """The ledger of the deletion requests behind this model: every job of the chain, oldest first, with its own
+        request's forget set, and the training set they all index (a later request checks it names the same)."""
+        d = self.data
+        return {"jobs": [r["job_id"] for r in d.requests], "first_model": self.root_uri,
+                "requests": d.requests,
+                "cumulative": {"size": d.audit["size"], "sha256": d.audit["sha256"],
+                               "rows_sha256": d.audit["rows_sha256"]},
+                "training_set": {"uri": run.spec.dataset.uri, "rows": len(d.train), "sha256": d.training_set_sha256,
+                                 "hash_recipe": TRAINING_SET_RECIPE}}
+
+    def _certify(self, run: JobRun, scores: dict, evaluation: dict | None, chain: dict) -> str:
+        """certificate.json: what was removed (hashes), how, how well, and the model it produced; signed."""
+        d, out = self.data, run.workdir / "out"
+        first_weights = _fetch(run, f"{self.root_uri}/model.safetensors" if _is_job_model(self.root_uri)
+                               else self.root_uri)
+        before = scores.get("first", scores["original"])
+        accuracy = {key: {"original": before.get(key), "unlearned": scores["unlearned"].get(key),
+                          "delta": _delta(scores["unlearned"].get(key), before.get(key))}
+                    for key in SCORE_NAMES if key != "mia_auc" and before.get(key) is not None}
+        klom = None
+        if evaluation is not None:
+            klom = ({"k": evaluation["k"], "skipped": evaluation["skipped"]} if "skipped" in evaluation else
+                    {"k": evaluation["k"], "klom95": {row["rows"]: {name: row[name] for name in
+                                                                    ("unlearned", "floor", "original")}
+                                                      for row in evaluation["table"]}})
+        body = {"format": certificate.FORMAT, "job_id": run.job_id, "issued_at": int(time.time()),
+                "original_model": {"uri": self.root_uri, "train_job": self.origin.train_job,
+                                   "model.safetensors_sha256": certificate.file_sha256(first_weights)},
+                "training_set": {**chain["training_set"], "test_rows_from": d.test_source},
+                "forget_set": {**{k: d.audit[k] for k in ("size", "sha256", "rows_sha256", "hash_recipe")},
+                               "requests": len(d.requests), "file_rows": d.forget_file_rows.tolist()},
+                "algorithm": {"name": self.algorithm, "params": self.p.model_dump(mode="json"),
+                              "seed": run.spec.seed},
+                "evaluation": {"accuracy": accuracy,
+                               "mia_auc": {"original": before.get("mia_auc"),
+                                           "unlearned": scores["unlearned"].get("mia_auc")},
+                               "klom": klom},
+                "result": {name: certificate.file_sha256(out / name)
+                           for name in ("model.safetensors", "model.onnx", "model.json")},
+                "chain": [{key: r[key] for key in ("job_id", "named_by", "size", "sha256")} for r in d.requests]}
+        signed = certificate.sign(body, certificate.certificate_key(run.settings))
+        path = out / "certificate.json"
+        path.write_text(json.dumps(signed, indent=1, sort_keys=True))
+        return run.add_artifact(path).sha256
 
     # --- phases ------------------------------------------------------------------------------------------------
     def _prepare_targets(self, run: JobRun) -> None:
@@ -123,36 +188,51 @@ class Unlearning:
         logits plus what a retrain would change in them."""
         d, p = self.data, self.p
         match = match_rows(d.forget, p.retain_multiple, run.spec.seed)
-        shared = replace(self._for_helpers(run), match=match)
         try:
-            if self.algorithm == "dmm":
-                attribution = self._attribution(run, shared, p.attribution_models)
-                shift = attribution.fitted.predicted_shift(d.train.y, d.forget, len(d.train.classes))[match]
-            else:
-                run.event("oracles.started", f"Retraining {p.oracles} oracles on the retain set, each beside an "
-                          "original retrained with its seed; oracle_matching matches the mean change.",
-                          oracles=p.oracles)
-                started = time.perf_counter()
-                shift = matching_shift(shared, p.oracles, run.spec.seed,
-                                       self._watch(run, "matching oracles", 2 * p.oracles))
-                self.prepared["matching_oracles"] = {"oracles": p.oracles, "paired_originals": p.oracles,
-                                                     "seconds": round(time.perf_counter() - started, 2)}
+            shift = self._shift(run, self.algorithm, p, d.forget, match, run.spec.seed, record=True)
         except Stop as stop:
             self._budget_failure(stop, "preparing the matching targets")
         self.shared = replace(self.shared, match=match, match_shift=shift)
-        targets = matching_targets(self.original, d.train, match, shift)
+        # From the chain's first model: each request's targets are where a retrain without the cumulative forget set
+        # would be, so what earlier requests got wrong is not carried forward.
+        targets = matching_targets(self.root, d.train, match, shift)
         self.rows = make_rows(d.train, d.forget, d.test, self.device, match, targets)
 
-    def _attribution(self, run: JobRun, shared: Shared, models: int) -> Attribution:
-        run.event("attribution.lookup", f"Looking for this model's datamodel ({models} subset models) in the project.")
-        attribution = get_attribution(run, self.original, shared, models, self._watch(run, "attribution", models))
+    def _shift(self, run: JobRun, algorithm: str, p, forget, match, seed: int, record: bool = False):
+        """What a retrain without `forget` changes in the chain's first model's logits on the rows `match`."""
+        shared = replace(self._for_helpers(run), forget=forget, match=match)
+        if algorithm == "dmm":
+            attribution = self._attribution(run, shared, p.attribution_models, record)
+            return attribution.fitted.predicted_shift(self.data.train.y, forget, len(self.data.train.classes))[match]
+        run.event("oracles.started", f"Retraining {p.oracles} oracles on the retain set, each beside an original "
+                  "retrained with its seed; oracle_matching matches the mean change.", oracles=p.oracles)
+        started = time.perf_counter()
+        shift = matching_shift(shared, p.oracles, seed, self._watch(run, "matching oracles", 2 * p.oracles))
+        if record:
+            self.prepared["matching_oracles"] = {"oracles": p.oracles, "paired_originals": p.oracles,
+                                                 "seconds": round(time.perf_counter() - started, 2)}
+        return shift
+
+    def _attribution(self, run: JobRun, shared: Shared, models: int, record: bool = True) -> Attribution:
+        """The datamodel of the chain's first model (keyed to it and the training set), fitted once and reused by
+        every later request of the chain."""
+        if self._attributions.get(models) is not None:
+            return self._attributions[models]
+        run.event("attribution.lookup", f"Looking for the datamodel of {self.root_uri} ({models} subset models) in "
+                  "the project.")
+        attribution = get_attribution(run, self.root, shared, models, self._watch(run, "attribution", models))
+        self._attributions[models] = attribution
         how = (f"reused from job {attribution.source_job}" if attribution.reused
                else f"fitted on {models} subset models in {attribution.seconds:.1f} s and stored")
         run.event("attribution.ready", f"Datamodel {attribution.artifact} {how}.", reused=attribution.reused,
                   artifact=attribution.artifact, fitted_by=attribution.source_job)
-        self.prepared["attribution"] = {"artifact": attribution.artifact, "key": attribution.key,
-                                        "reused": attribution.reused, "fitted_by": attribution.source_job,
-                                        "subset_models": models, "one_time_seconds": round(attribution.seconds, 2)}
+        if record:
+            self.prepared["attribution"] = {"artifact": attribution.artifact, "key": attribution.key,
+                                            "reused": attribution.reused, "fitted_by": attribution.source_job,
+                                            "of_model": self.root_uri, "subset_models": models,
+                                            # Only a fit made by this job is its cost; a reused one cost nothing here.
+                                            "one_time_seconds": None if attribution.reused
+                                            else round(attribution.seconds, 2)}
         return attribution
 
     def _unlearn(self, run: JobRun) -> str:
@@ -214,7 +294,7 @@ class Unlearning:
         estimate = per_epoch * epochs
         cost.update(retrain_estimate_seconds=round(estimate, 3), ratio=round(seconds / estimate, 4),
                     retrain_source=f"estimated: {PROBE_EPOCHS} timed epochs on the retain set × {epochs} epochs")
-        if "attribution" in self.prepared:
+        if self.prepared.get("attribution", {}).get("one_time_seconds") is not None:
             cost["one_time_attribution_seconds"] = self.prepared["attribution"]["one_time_seconds"]
         if "matching_oracles" in self.prepared:
             cost["matching_oracles_seconds"] = self.prepared["matching_oracles"]["seconds"]
@@ -239,8 +319,12 @@ class Unlearning:
         run.event("evaluation.started", f"Training {k} originals (each then unlearned) and {2 * k} oracles for KLoM.",
                   oracles=k)
         try:
-            report = evaluate_with_oracles(self._for_helpers(run), k, run.spec.seed, self.data.forget_class,
-                                           self._watch(run, "evaluation", 3 * k))
+            if self.origin.chain:
+                report = evaluate_chain(self._for_helpers(run), self._chain_steps(run), k, run.spec.seed,
+                                        self.data.forget_class, self._watch(run, "evaluation", 3 * k))
+            else:
+                report = evaluate_with_oracles(self._for_helpers(run), k, run.spec.seed, self.data.forget_class,
+                                               self._watch(run, "evaluation", 3 * k))
         except Stop as stop:
             if stop.reason == "cancelled":
                 raise
@@ -252,6 +336,22 @@ class Unlearning:
             f"{row['rows']} {row['unlearned']} / {row['floor']}" for row in table), table=table)
         return {"table": table, **report}, stopped_by
 
+    def _chain_steps(self, run: JobRun) -> list[Step]:
+        """Every request of the chain as its job ran it, for the K originals to replay: the earlier jobs' algorithms,
+        parameters and seeds, their cumulative forget sets recomputed here (and checked against their records), and
+        for matching algorithms their targets' rows and shift, recomputed the way those jobs computed them."""
+        d, steps = self.data, []
+        for link, forget in zip(self.origin.chain, d.cumulative[:-1], strict=True):
+            p = PARAMS[link.algorithm].model_validate(link.params)
+            match = shift = None
+            if link.algorithm in MATCHING:
+                match = match_rows(forget, p.retain_multiple, link.seed)
+                shift = self._shift(run, link.algorithm, p, forget, match, link.seed)
+            steps.append(Step(link.algorithm, p.model_dump(mode="json"), forget, match, shift))
+        steps.append(Step(self.algorithm, self.p.model_dump(mode="json"), d.forget, self.shared.match,
+                          self.shared.match_shift))
+        return steps
+
     @staticmethod
     def _klom_sections(evaluation: dict, cost: dict) -> dict[str, Any]:
         """`klom`: one row per group of rows (a table on the page); `klom_estimator`: how to read it; the K runs'
@@ -260,6 +360,10 @@ class Unlearning:
                  "recipe, new seeds, each unlearned) against K oracles retrained on the retain set",
                  "floor": "K other oracles against the same K: what a perfect unlearner scores at this K",
                  "original": "the K models before unlearning: what doing nothing scores"}
+        if evaluation.get("replayed_requests"):
+            about["unlearned"] = (f"KLoM95 of {evaluation['k']} unlearned models (the original recipe, new seeds, "
+                                  f"each taken through the chain's {evaluation['replayed_requests']} requests in "
+                                  "order) against K oracles retrained on the cumulative retain set")
         if "skipped" in evaluation:
             return {"klom_estimator": {**about, "skipped": evaluation["skipped"]}}
         models = evaluation["models"]
@@ -289,8 +393,12 @@ class Unlearning:
         return model_scores(self.shared, train_logits, test_logits, d.forget_class)
 
     def _comparison(self, scores: dict, evaluation: dict | None) -> list[dict[str, Any]]:
-        rows = [{"name": "original model", **_scored(scores["original"])},
-                {"name": f"unlearned ({self.algorithm})", **_scored(scores["unlearned"])}]
+        rows = [{"name": "original model", **_scored(scores["original"])}]
+        if "first" in scores:
+            rows = [{"name": "original model (before the chain's first request)", **_scored(scores["first"])},
+                    {"name": f"input model (after request {len(self.data.requests) - 1} of the chain)",
+                     **_scored(scores["original"])}]
+        rows.append({"name": f"unlearned ({self.algorithm})", **_scored(scores["unlearned"])})
         if evaluation is not None and "models" in evaluation:
             k, models = evaluation["k"], evaluation["models"]
             rows.append({"name": f"{self.algorithm}, mean of {k} re-trained originals", **_scored(models["unlearned"])})
@@ -303,6 +411,14 @@ class Unlearning:
                 "steps": self.step, "training_rows": len(d.train), "forget_rows": int(d.forget.sum()),
                 "retain_rows": int((~d.forget).sum()), "test_rows": len(d.test), "test_rows_from": d.test_source,
                 "forget_class": d.forget_class}
+
+
+def _is_job_model(uri: str) -> bool:
+    return uri.startswith("job://") and "/" not in uri.removeprefix("job://")
+
+
+def _delta(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else round(after - before, 4)
 
 
 def _scored(scores: dict) -> dict:

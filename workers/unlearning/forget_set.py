@@ -1,11 +1,12 @@
 """The data of an unlearning job: the rows the original model was trained on, the held-out test rows, and the forget
 set over them — named by class, by row indices of the dataset file, or by a file of rows — with its audit trail.
+A chained request (its model the output of earlier unlearn jobs) forgets the union of every request in the chain.
 
 Test rows come from `dataset.validation.uri` when given (the whole dataset file is then training data); otherwise
 from a held-out split of the dataset file, made with the same fraction and seed as the original train job's (or the
 spec's own `dataset.validation` and seed), so they are rows the original model never trained on."""
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -18,16 +19,24 @@ from workers.runtime import JobRun
 from workers.unlearning.origin import Origin
 
 DEFAULT_VALIDATION = Validation(fraction=0.1)  # train's default split
+TRAINING_SET_RECIPE = ("sha256 of the training rows' inputs as float32 bytes (C order, rows in file order), then "
+                       "their labels as int64 little-endian")
 
 
 @dataclass
 class UnlearningData:
     train: Dataset  # the rows the original model trained on, in file order
     test: Dataset  # held-out rows the original model never trained on
-    forget: np.ndarray  # bool over `train`'s rows
+    forget: np.ndarray  # bool over `train`'s rows: the cumulative forget set of the chain
     forget_class: int | None
-    audit: dict[str, Any]
+    audit: dict[str, Any]  # the cumulative forget set's
     test_source: str
+    # One per request of the chain, oldest first, this job's last: its own audit and the cumulative forget mask
+    # over `train` after it (what that request's job unlearned).
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    cumulative: list[np.ndarray] = field(default_factory=list)
+    training_set_sha256: str = ""
+    forget_file_rows: np.ndarray | None = None  # the cumulative forget set as row numbers of the dataset file
 
     @property
     def retain_set(self) -> Dataset:
@@ -36,6 +45,11 @@ class UnlearningData:
     @property
     def forget_set(self) -> Dataset:
         return self.train.subset(self.forget)
+
+
+def training_set_sha256(train: Dataset) -> str:
+    return hashlib.sha256(np.ascontiguousarray(train.x, dtype=np.float32).tobytes()
+                          + train.y.astype("<i8").tobytes()).hexdigest()
 
 
 def load_unlearning_data(run: JobRun, origin: Origin) -> UnlearningData:
@@ -51,16 +65,58 @@ def load_unlearning_data(run: JobRun, origin: Origin) -> UnlearningData:
     else:
         train_rows, test_rows = _split_rows(data, validation.fraction, seed)
         source = f"held-out {validation.fraction:g} of the dataset file, split with seed {seed}"
-    requested = requested_rows(run, run.spec.forget, data)
-    forget = requested[train_rows]
-    if test_rows is not None:
+    train = data.subset(train_rows)
+    train_sha = training_set_sha256(train)
+    _check_same_training_set(run, origin, train_sha)
+    requests = [(link.job_id, link.forget, link.request_sha256) for link in origin.chain]
+    requests.append((run.job_id, run.spec.forget, None))
+    requested = np.zeros(len(data), dtype=bool)
+    not_test = np.zeros(len(data), dtype=bool)
+    audits, cumulative = [], []
+    for job_id, forget, recorded in requests:
+        rows = requested_rows(run, forget, data)
+        audit = {"job_id": job_id, **_audit(data, rows, train_rows, forget)}
+        audit.pop("hash_recipe")
+        if recorded is not None and audit["sha256"] != recorded:
+            raise JobFailure("chain_forget_changed", f"Job {job_id}'s forget request now names rows with sha256 "
+                             f"{audit['sha256'][:16]}…, but that job recorded {recorded[:16]}…: the file behind its "
+                             "forget.uri (or the dataset) changed since. Restore it, or start a new chain from the "
+                             "train job with the whole forget set.")
+        requested |= rows
         # Rows asked to be deleted are not used as test rows either, unless a class is forgotten: then the held-out
         # rows of that class are exactly what the forgotten class should now look like.
-        kept = test_rows if run.spec.forget.class_ is not None else test_rows[~requested[test_rows]]
-        test = data.subset(kept)
-    _check_forget(forget, data.subset(train_rows), run.spec.forget)
+        if forget.class_ is None:
+            not_test |= rows
+        audits.append(audit)
+        cumulative.append(requested[train_rows].copy())
+    forget = requested[train_rows]
+    if test_rows is not None:
+        test = data.subset(test_rows[~not_test[test_rows]])
+    _check_forget(forget, train, run.spec.forget)
     audit = _audit(data, requested, train_rows, run.spec.forget)
-    return UnlearningData(data.subset(train_rows), test, forget, run.spec.forget.class_, audit, source)
+    classes = {f.class_ for _, f, _ in requests if f.class_ is not None}
+    if len(requests) > 1:
+        audit.update(named_by="chain", requests=len(requests))
+        audit.pop("duplicate_indices", None)
+    forget_class = classes.pop() if len(classes) == 1 else None
+    return UnlearningData(train, test, forget, forget_class, audit, source, audits, cumulative, train_sha,
+                          np.intersect1d(np.flatnonzero(requested), train_rows))
+
+
+def _check_same_training_set(run: JobRun, origin: Origin, train_sha: str) -> None:
+    """A chained request must unlearn from the training set the chain started with: its row numbers and hashes only
+    mean something there."""
+    if not origin.chain:
+        return
+    previous = origin.chain[-1]
+    same = (train_sha == previous.training_set_sha256 if previous.training_set_sha256 is not None
+            else run.spec.dataset.uri == previous.dataset_uri)
+    if not same:
+        raise JobFailure("chain_dataset_mismatch", f"The model comes from unlearn job {previous.job_id}, which "
+                         f"unlearned from dataset {previous.dataset_uri!r}; this request's dataset "
+                         f"{run.spec.dataset.uri!r} (with its validation rule) gives other training rows (sha256 "
+                         f"{train_sha[:16]}…). A chained deletion must name the same training set: use dataset.uri "
+                         f"{previous.dataset_uri!r} and the same validation as that job.")
 
 
 def _held_out_rule(run: JobRun, origin: Origin) -> tuple[Validation, int]:

@@ -53,8 +53,13 @@ def evaluate_with_oracles(shared: Shared, k: int, job_seed: int, forget_class: i
                                                     Order("oracle", seed_for("oracle", job_seed, 2 * i)),
                                                     Order("oracle", seed_for("oracle", job_seed, 2 * i + 1)))]
     trained = train_many(orders, shared, watch)
-    originals = [t for t in trained if t.role == "original"]
-    oracles = [t for t in trained if t.role == "oracle"]
+    return klom_report(shared, k, [t for t in trained if t.role == "original"],
+                       [t for t in trained if t.role == "oracle"], forget_class)
+
+
+def klom_report(shared: Shared, k: int, originals: list[Trained], oracles: list[Trained],
+                forget_class: int | None) -> dict:
+    """KLoM of the K unlearned originals against every other oracle, beside the floor (the remaining oracles)."""
     reference, others = oracles[0::2], oracles[1::2]
     table, bins = {}, klom.bins_for(k)
     for name, (part, rows) in groups(shared, forget_class).items():
