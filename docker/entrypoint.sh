@@ -2,7 +2,8 @@
 # Shared entrypoint of the Refinery images (api, worker, worker-gpu); runs under tini as PID 1.
 #
 #   <image> api       -> refinery api --host 0.0.0.0 --port $REFINERY_PORT (uvicorn on api.main:app)
-#   <image> worker    -> celery -A workers.app worker, one job per process (scale by replicas)
+#   <image> worker    -> celery -A workers.app worker, one job per process (scale by replicas), on the queues of
+#                        the resource classes in REFINERY_WORKER_CLASSES (default cpu)
 #   <image> migrate   -> refinery migrate (Alembic upgrade head)
 #   <image> CMD ...   -> exec'd as given (e.g. `refinery keys create --project NAME`)
 #
@@ -21,7 +22,7 @@ case "${1:-}" in
     ;;
   worker)
     shift
-    exec celery -A workers.app worker --pool=solo --concurrency=1 -Q refinery.jobs --loglevel=INFO "$@"
+    exec celery -A workers.app worker --pool=solo --concurrency=1 --loglevel=INFO "$@"
     ;;
   migrate)
     shift

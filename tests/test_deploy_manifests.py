@@ -6,6 +6,7 @@ and Sprig subset they use (GoTemplate below), then parsed as YAML and checked as
 `helm` binary is on PATH, `helm lint` and `helm template` run as well.
 """
 import base64
+import copy
 import hashlib
 import json
 import re
@@ -78,7 +79,8 @@ def check_command(argv: list[str]) -> None:
         assert app == "workers.app", argv
         assert module_path(app).exists(), f"{app} (celery -A) does not exist: expected workers/app.py"
         assert "worker" in argv and "--pool=solo" in argv and "--concurrency=1" in argv, argv
-        assert argv[argv.index("-Q") + 1] == queue_name(), argv
+        # The queues come from REFINERY_WORKER_CLASSES (workers/app.py); a -Q would override them.
+        assert "-Q" not in argv and "--queues" not in argv, argv
     elif argv[0] == "refinery":
         target = pyproject()["project"]["scripts"]["refinery"]
         module = target.split(":")[0]
@@ -312,6 +314,9 @@ def test_compose_commands_and_scaling(compose):
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     assert gpu["environment"]["REFINERY_DEVICE"] == "cuda"
     assert services["worker"]["environment"]["REFINERY_DEVICE"] == "cpu"
+    from core.resources import parse_classes
+    assert parse_classes(services["worker"]["environment"]["REFINERY_WORKER_CLASSES"]) == ["cpu", "cpu-x2"]
+    assert parse_classes(gpu["environment"]["REFINERY_WORKER_CLASSES"]) == ["gpu"]
     bucket = services["minio-init"]["command"][0]
     assert "mc mb --ignore-existing" in bucket
 
@@ -544,6 +549,18 @@ def _fail(message):
     raise TemplateError(f"fail: {message}")
 
 
+def _merge(dest, *sources):
+    """Sprig's merge (mergo without override): each source fills the keys dest lacks or holds empty, recursively;
+    dest is changed and returned."""
+    for source in sources:
+        for key, value in (source or {}).items():
+            if isinstance(dest.get(key), dict) and isinstance(value, dict):
+                _merge(dest[key], value)
+            elif not truthy(dest.get(key)):
+                dest[key] = copy.deepcopy(value)
+    return dest
+
+
 def _indent(width, text):
     pad = " " * int(width)
     return pad + text.replace("\n", "\n" + pad)
@@ -580,6 +597,10 @@ FUNCTIONS = {
     "lower": lambda s: s.lower(),
     "dict": lambda *kv: {go_str(kv[i]): kv[i + 1] for i in range(0, len(kv), 2)},
     "list": lambda *items: list(items),
+    "append": lambda items, item: [*(items or []), item],
+    "join": lambda sep, items: sep.join(go_str(item) for item in (items or [])),
+    "merge": _merge,
+    "deepCopy": copy.deepcopy,
     "hasKey": lambda d, k: k in (d or {}),
     "omit": lambda d, *keys: {k: v for k, v in (d or {}).items() if k not in keys},
     "ternary": lambda a, b, cond: a if truthy(cond) else b,
@@ -905,6 +926,16 @@ BASE = {
     "externalDatabase": {"url": "postgresql://refinery:s3cret@pg.db.svc:5432/refinery"},
     "externalRedis": {"url": "redis://:s3cret@redis-master.db.svc:6379/1"},
 }
+GPU_POOLS = [
+    {"name": "cpu", "classes": ["cpu", "cpu-x2"], "replicaCount": 3},
+    {"name": "gpu", "classes": ["gpu"], "gpus": 1, "runtimeClassName": "nvidia",
+     "nodeSelector": {"nvidia.com/gpu.present": "true"},
+     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+     "resources": {"limits": {"memory": "32Gi", "nvidia.com/gpu": 8}}, "keda": {"enabled": True}},
+    {"name": "gpu-x4", "classes": ["gpu-x4", "gpu-x2"], "gpus": 4, "replicaCount": 2,
+     "nodeSelector": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+     "resources": {"requests": {"cpu": "16", "memory": "128Gi"}, "limits": {"memory": "256Gi"}}},
+]
 FULL = deep_merge(BASE, {
     "storage": {"s3": {"endpointUrl": "http://minio.storage:9000", "accessKeyId": "AKIA", "secretAccessKey": "x"}},
     "secrets": {"bootstrapToken": "rk_admin_test"},
@@ -912,17 +943,14 @@ FULL = deep_merge(BASE, {
     "dataVolume": {"existingClaim": "datasets"},
     "imagePullSecrets": [{"name": "registry"}],
     "api": {"ingress": {"enabled": True, "className": "nginx", "tls": [{"secretName": "t", "hosts": ["a.b"]}]}},
-    "gpuWorker": {
-        "enabled": True,
-        "runtimeClassName": "nvidia",
-        "nodeSelector": {"nvidia.com/gpu.present": "true"},
-        "resources": {"limits": {"memory": "32Gi", "nvidia.com/gpu": 4}},
-        "keda": {"enabled": True, "redis": {"passwordSecret": {"name": "redis-auth", "key": "password"}}},
-    },
+    "workerPools": GPU_POOLS,
+    "keda": {"redis": {"passwordSecret": {"name": "redis-auth", "key": "password"}}},
 })
 EXISTING = {
     "secrets": {"existingSecret": "refinery-env"},
-    "gpuWorker": {"enabled": True, "keda": {"enabled": True, "redis": {"address": "redis:6379"}}},
+    "workerPools": [{"name": "cpu", "classes": ["cpu"]}, {"name": "gpu", "classes": ["gpu"], "gpus": 1,
+                                                          "keda": {"enabled": True}}],
+    "keda": {"redis": {"address": "redis:6379"}},
     "serviceAccount": {"create": False, "name": "refinery"},
 }
 VALUE_SETS = {"base": BASE, "full": FULL, "existing-secret": EXISTING}
@@ -939,7 +967,11 @@ def test_chart_and_values_parse():
     assert re.fullmatch(r"\d+\.\d+\.\d+", str(chart["version"]))
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["externalDatabase"]["url"] == "" and "externalRedis" in values
-    assert values["gpuWorker"]["enabled"] is False and values["gpuWorker"]["keda"]["enabled"] is False
+    from core.resources import parse_classes
+    assert [(pool["name"], parse_classes(",".join(pool["classes"]))) for pool in values["workerPools"]] == [
+        ("cpu", ["cpu", "cpu-x2"])]  # by default one CPU pool, serving the test suite's two CPU classes
+    assert values["workerDefaults"]["gpus"] == 0 and values["workerDefaults"]["keda"]["enabled"] is False
+    assert values["config"]["queue"] == queue_name()
     assert values["podSecurityContext"]["runAsNonRoot"] is True
     assert values["securityContext"]["allowPrivilegeEscalation"] is False
 
@@ -1068,65 +1100,108 @@ def test_api_deployment(chart_docs):
     assert container["image"].startswith("refinery/api:")
 
 
+def class_queue(resource_class: str) -> str:
+    from core.resources import queue_for
+    return queue_for(resource_class, queue_name())
+
+
 def test_workers(chart_docs):
     label, docs = chart_docs
+    values = VALUE_SETS[label].get("workerPools") or yaml.safe_load((CHART / "values.yaml").read_text())["workerPools"]
     deployments = by_kind(docs, "Deployment")
-    cpu = deployments["prod-refinery-worker"]
-    assert cpu["spec"]["replicas"] == 2
-    for name in ("prod-refinery-worker", "prod-refinery-gpu-worker"):
-        if name not in deployments:
-            continue
-        spec = deployments[name]["spec"]["template"]["spec"]
+    workers = {name: d for name, d in deployments.items() if name.startswith("prod-refinery-worker-")}
+    assert set(workers) == {f"prod-refinery-worker-{pool['name']}" for pool in values}, "one Deployment per pool"
+    config = by_kind(docs, "ConfigMap").get("prod-refinery", {}).get("data", {})
+    if config:
+        assert config["REFINERY_QUEUE"] == queue_name()
+    from core.resources import parse_classes
+    served = []
+    for pool in values:
+        deployment = workers[f"prod-refinery-worker-{pool['name']}"]
+        spec = deployment["spec"]["template"]["spec"]
         container = spec["containers"][0]
         check_command(container["args"])
         assert spec["terminationGracePeriodSeconds"] >= 60
         env = env_of(container)
-        assert env["REFINERY_DEVICE"]["value"] == ("cuda" if "gpu" in name else "cpu")
+        classes = parse_classes(env["REFINERY_WORKER_CLASSES"]["value"])  # what the worker will accept at start
+        assert classes == pool["classes"]
+        served += classes
+        gpus = pool.get("gpus", 0)
+        assert env["REFINERY_DEVICE"]["value"] == ("cuda" if gpus else "cpu")
+        assert container["image"].startswith("refinery/worker-gpu:" if gpus else "refinery/worker:")
         assert "secretKeyRef" in env["REFINERY_DATABASE_URL"]["valueFrom"]
         assert "REFINERY_BOOTSTRAP_TOKEN" not in env
-    assert ("prod-refinery-gpu-worker" in deployments) == (label != "base")
+        assert container["resources"]["limits"].get("nvidia.com/gpu") == (gpus or None)
+        autoscaled = pool.get("keda", {}).get("enabled", False)
+        assert ("replicas" not in deployment["spec"]) == autoscaled, "KEDA owns an autoscaled pool's replica count"
+        if not autoscaled:
+            assert deployment["spec"]["replicas"] == pool.get("replicaCount", 1)
+    assert len(served) == len(set(served)), "each class is served by one pool"
 
 
-def test_gpu_worker_requests_a_gpu_where_values_say():
+def test_gpu_pools_request_their_gpus_and_nodes():
     docs = manifests(render_chart(FULL))
-    gpu = by_kind(docs, "Deployment")["prod-refinery-gpu-worker"]
+    deployments = by_kind(docs, "Deployment")
+    gpu = deployments["prod-refinery-worker-gpu"]
     spec = gpu["spec"]["template"]["spec"]
     container = spec["containers"][0]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1  # gpuWorker.gpus, not a stray limits entry
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1  # the pool's gpus, not a stray limits entry
     assert container["resources"]["limits"]["memory"] == "32Gi"
-    assert container["image"].startswith("refinery/worker-gpu:")
+    assert container["resources"]["requests"] == {"cpu": "2", "memory": "4Gi"}  # workerDefaults
     assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
     assert spec["runtimeClassName"] == "nvidia"
     assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
-    assert "replicas" not in gpu["spec"], "KEDA owns the replica count"
     assert gpu["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
-    without_keda = deep_merge(FULL, {"gpuWorker": {"keda": {"enabled": False}, "replicaCount": 3}})
+    x4 = deployments["prod-refinery-worker-gpu-x4"]
+    spec = x4["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    assert container["resources"] == {"requests": {"cpu": "16", "memory": "128Gi"},
+                                      "limits": {"memory": "256Gi", "nvidia.com/gpu": 4}}
+    assert spec["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert "tolerations" not in spec and "runtimeClassName" not in spec
+    assert x4["spec"]["replicas"] == 2
+    cpu = deployments["prod-refinery-worker-cpu"]
+    assert "strategy" not in cpu["spec"] and "nvidia.com/gpu" not in cpu["spec"]["template"]["spec"][
+        "containers"][0]["resources"]["limits"]
+    without_keda = deep_merge(FULL, {"workerPools": [{**GPU_POOLS[1], "keda": {"enabled": False},
+                                                      "replicaCount": 3}]})
     docs = manifests(render_chart(without_keda))
-    assert by_kind(docs, "Deployment")["prod-refinery-gpu-worker"]["spec"]["replicas"] == 3
-    assert not by_kind(docs, "ScaledObject")
+    assert by_kind(docs, "Deployment")["prod-refinery-worker-gpu"]["spec"]["replicas"] == 3
+    assert not by_kind(docs, "ScaledObject") and not by_kind(docs, "TriggerAuthentication")
+    with pytest.raises(TemplateError, match="classes"):
+        render_chart(deep_merge(BASE, {"workerPools": [{"name": "empty"}]}))
 
 
-def test_keda_scales_gpu_workers_on_the_job_queue():
-    docs = manifests(render_chart(FULL))
-    scaled = by_kind(docs, "ScaledObject")["prod-refinery-gpu-worker"]
-    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
-    assert scaled["spec"]["scaleTargetRef"]["name"] in by_kind(docs, "Deployment")
-    assert scaled["spec"]["scaleTargetRef"]["name"] == "prod-refinery-gpu-worker"
-    trigger = scaled["spec"]["triggers"][0]
-    assert trigger["type"] == "redis"
-    assert trigger["metadata"] == {"address": "redis-master.db.svc:6379", "listName": queue_name(),
-                                   "listLength": "1", "activationListLength": "0", "databaseIndex": "1",
-                                   "enableTLS": "false"}
-    auth = by_kind(docs, "TriggerAuthentication")[trigger["authenticationRef"]["name"]]
+def test_keda_scales_each_pool_on_its_own_queues():
+    docs = manifests(render_chart(deep_merge(FULL, {"workerPools": [
+        GPU_POOLS[0], GPU_POOLS[1], {**GPU_POOLS[2], "keda": {"enabled": True, "maxReplicaCount": 2}}]})))
+    scaled = by_kind(docs, "ScaledObject")
+    assert set(scaled) == {"prod-refinery-worker-gpu", "prod-refinery-worker-gpu-x4"}  # not the cpu pool
+    deployments = by_kind(docs, "Deployment")
+    for name, obj in scaled.items():
+        assert obj["apiVersion"] == "keda.sh/v1alpha1"
+        assert obj["spec"]["scaleTargetRef"]["name"] == name and name in deployments
+    assert scaled["prod-refinery-worker-gpu-x4"]["spec"]["maxReplicaCount"] == 2
+    assert scaled["prod-refinery-worker-gpu"]["spec"]["maxReplicaCount"] == 4  # workerDefaults
+    trigger = scaled["prod-refinery-worker-gpu"]["spec"]["triggers"]
+    assert [t["metadata"] for t in trigger] == [{
+        "address": "redis-master.db.svc:6379", "listName": class_queue("gpu"), "listLength": "1",
+        "activationListLength": "0", "databaseIndex": "1", "enableTLS": "false"}]
+    assert class_queue("gpu") == queue_name() + ".gpu"
+    lists = [t["metadata"]["listName"] for t in scaled["prod-refinery-worker-gpu-x4"]["spec"]["triggers"]]
+    assert lists == [class_queue("gpu-x4"), class_queue("gpu-x2")]  # one trigger per class the pool serves
+    auth = by_kind(docs, "TriggerAuthentication")[trigger[0]["authenticationRef"]["name"]]
     assert auth["spec"]["secretTargetRef"] == [{"parameter": "password", "name": "redis-auth", "key": "password"}]
     docs = manifests(render_chart(EXISTING))
-    trigger = by_kind(docs, "ScaledObject")["prod-refinery-gpu-worker"]["spec"]["triggers"][0]
+    trigger = by_kind(docs, "ScaledObject")["prod-refinery-worker-gpu"]["spec"]["triggers"][0]
     assert trigger["metadata"]["address"] == "redis:6379" and "authenticationRef" not in trigger
     tls = deep_merge(BASE, {"externalRedis": {"url": "rediss://r:6380"},
-                            "gpuWorker": {"enabled": True, "keda": {"enabled": True}}})
-    trigger = by_kind(manifests(render_chart(tls)), "ScaledObject")["prod-refinery-gpu-worker"]["spec"]["triggers"][0]
+                            "workerPools": [{"name": "cpu", "classes": ["cpu"], "keda": {"enabled": True}}]})
+    scaled = by_kind(manifests(render_chart(tls)), "ScaledObject")["prod-refinery-worker-cpu"]
+    trigger = scaled["spec"]["triggers"][0]
     assert trigger["metadata"]["enableTLS"] == "true" and trigger["metadata"]["databaseIndex"] == "0"
+    assert trigger["metadata"]["listName"] == queue_name()  # the cpu class is on the base queue
 
 
 def test_migration_job_is_a_pre_install_and_pre_upgrade_hook(chart_docs):
@@ -1159,6 +1234,7 @@ def test_migration_job_is_a_pre_install_and_pre_upgrade_hook(chart_docs):
 def test_notes_render():
     notes = render_chart(FULL)["NOTES.txt"]
     assert "prod-refinery-api" in notes and "KEDA" in notes
+    assert "prod-refinery-worker-gpu-x4: classes gpu-x4, gpu-x2, 2 pod(s), 4 GPU(s) each" in notes
 
 
 @pytest.mark.skipif(shutil.which("helm") is None, reason="no helm binary on PATH")

@@ -58,6 +58,7 @@ app.kubernetes.io/part-of: refinery
 {{- define "refinery.config" -}}
 REFINERY_HOME: /var/lib/refinery
 REFINERY_STORAGE_URL: {{ .Values.storage.url | quote }}
+REFINERY_QUEUE: {{ .Values.config.queue | quote }}
 REFINERY_DATA_ROOTS: {{ .Values.config.dataRoots | quote }}
 REFINERY_DEFAULT_MAX_SECONDS: {{ .Values.config.defaultMaxSeconds | int64 | quote }}
 REFINERY_MAX_SECONDS_CAP: {{ .Values.config.maxSecondsCap | int64 | quote }}
