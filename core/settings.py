@@ -88,6 +88,16 @@ class Settings(BaseSettings):
     # $REFINERY_HOME/certificate_key (mode 600); workers on several machines must share one, so set it there.
     certificate_key: str | None = None
 
+    # Datasets: a sharded dataset (a directory or manifest.json of Parquet / WebDataset tar shards) whose decoded
+    # size (float32 inputs + int64 labels) is above this many bytes is streamed by the train method instead of being
+    # loaded whole; a single dataset file above it is refused. Validation data is always held in memory, below it.
+    max_inmemory_bytes: int = Field(default=2 * 1024**3, ge=1)
+    stream_workers: int = Field(default=2, ge=0, le=32)  # DataLoader worker processes that read and decode shards
+    stream_shuffle_rows: int = Field(default=4096, ge=1)  # rows shuffled together (the buffer of the shuffle)
+    # Debug and audit: a directory where the train method appends, for every streamed batch it trains on, the line
+    # "<epoch> <step> <row id> …" to <job_id>-attempt-<n>.log. Empty: off.
+    stream_row_log: str = ""
+
     torch_threads: int = 1
     device: str = "auto"  # cpu | cuda | auto (cuda when available)
 

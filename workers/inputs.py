@@ -1,5 +1,6 @@
 """A job's inputs: datasets and model references resolved inside the job's project (`file_…`, `job://…`)."""
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from db.repositories import artifacts as artifact_repo
 from db.repositories.jobs import get_job
 from db.session import transaction
 from workers.data import Dataset, fetch, load_dataset, split_validation
+from workers.data.streaming import ShardedSource, is_sharded, open_sharded
 from workers.errors import JobFailure
 from workers.models import Classifier, build_model, load_model, load_weights_into
 from workers.runtime import JobRun
@@ -45,7 +47,58 @@ def _load(run: JobRun, uri: str, label_column: str | None, classes: list[str] | 
 
 
 def load_train_and_validation(run: JobRun, ref: DatasetRef, seed: int) -> tuple[Dataset, Dataset]:
-    data = _load(run, ref.uri, ref.label_column)
+    return _with_validation(run, ref, _load(run, ref.uri, ref.label_column), seed)
+
+
+@dataclass
+class StreamedTrainingSet:
+    """A training set too large for memory: its shards stream (workers.data.streaming); `sample`, its first rows,
+    stands in for it where the whole set is not needed (input shape, classes, normalisation statistics)."""
+    source: ShardedSource
+    sample: Dataset
+    validation_shards: list[str]  # held out of training (validation.fraction); empty with validation.uri
+
+
+STATS_ROWS = 10_000  # rows the normalisation statistics of a streamed training set are computed on, at most
+
+
+def load_training_data(run: JobRun, ref: DatasetRef, seed: int) -> tuple[Dataset | StreamedTrainingSet, Dataset]:
+    """Like load_train_and_validation, except that a sharded training set above REFINERY_MAX_INMEMORY_BYTES stays on
+    its shards. Its validation data is held in memory: `validation.uri`, or whole shards held out (a seeded
+    `validation.fraction` of them, 0.1 by default, at least one)."""
+    if not is_sharded(ref.uri):
+        return load_train_and_validation(run, ref, seed)
+    cap = run.settings.max_inmemory_bytes
+    source = open_sharded(ref.uri, run.settings, label_column=ref.label_column)
+    if source.decoded_bytes <= cap:
+        return _with_validation(run, ref, source.load_all(), seed)
+    validation = ref.validation
+    held_out: list[str] = []
+    if validation is not None and validation.uri is not None:
+        val = _load(run, validation.uri, source.label_column, classes=source.classes)
+        if tuple(val.x.shape[1:]) != source.input_shape:
+            raise JobFailure("dataset_invalid", f"validation inputs have shape {list(val.x.shape[1:])}, the training "
+                             f"data {list(source.input_shape)}; they must match.")
+    else:
+        n = len(source.shards)
+        if n < 2:
+            raise JobFailure("dataset_invalid", f"{ref.uri}: one shard cannot be split into training and validation "
+                             "shards; give dataset.validation.uri or more shards")
+        fraction = validation.fraction if validation is not None else 0.1
+        held = sorted(np.random.default_rng(seed).permutation(n)[:min(n - 1, max(1, round(fraction * n)))].tolist())
+        val_source = source.with_shards([source.shards[i] for i in held])
+        if val_source.decoded_bytes > cap:
+            raise JobFailure("validation_too_large", f"{ref.uri}: the {len(held)} validation shards decode to "
+                             f"{val_source.decoded_bytes} bytes, above REFINERY_MAX_INMEMORY_BYTES ({cap}); validation "
+                             "data is held in memory: lower dataset.validation.fraction or give validation.uri")
+        val = val_source.load_all()
+        held_out = [shard.name for shard in val_source.shards]
+        source = source.with_shards([s for i, s in enumerate(source.shards) if i not in held])
+    sample = source.sample(max(1, min(STATS_ROWS, cap // 4 // source.row_bytes)), seed)
+    return StreamedTrainingSet(source=source, sample=sample, validation_shards=held_out), val
+
+
+def _with_validation(run: JobRun, ref: DatasetRef, data: Dataset, seed: int) -> tuple[Dataset, Dataset]:
     validation = ref.validation
     if validation is not None and validation.uri is not None:
         val = _load(run, validation.uri, ref.label_column, classes=data.classes)

@@ -56,8 +56,9 @@ def _unique_dir(dest_dir: Path, uri: str) -> Path:
     return folder
 
 
-def confined_local_path(uri: str, settings: Settings) -> Path:
-    """The real path a `file://` URI names, refused unless it lies under one of the data roots.
+def confined_local_path(uri: str, settings: Settings, *, allow_folder: bool = False) -> Path:
+    """The real path a `file://` URI names, refused unless it lies under one of the data roots. `allow_folder`: a
+    folder is accepted too (a sharded dataset's).
 
     Symlinks and `..` are resolved before the check, so neither can lead outside a root."""
     roots = settings.data_root_paths
@@ -79,7 +80,7 @@ def confined_local_path(uri: str, settings: Settings) -> Path:
         )
     if not path.exists():
         raise JobFailure("dataset_not_found", f"{uri}: no such file")
-    if not path.is_file():
+    if not path.is_file() and not (allow_folder and path.is_dir()):
         raise JobFailure(
             "dataset_unreadable", f"{uri}: is not a regular file; pack image folders as .zip or .tar"
         )
