@@ -36,6 +36,18 @@ def queued_job_ids(redis_client, queue: str) -> list[str]:
     return ids
 
 
+def sse_waiting(platform: Platform, job_id: str) -> dict:
+    """The first `job.waiting` event of the job's event stream."""
+    with platform.http.stream("GET", f"/v1/jobs/{job_id}/events", headers={"Accept": "text/event-stream"}) as stream:
+        named = None
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                named = line.removeprefix("event: ")
+            elif line.startswith("data: ") and named == "job.waiting":
+                return json.loads(line.removeprefix("data: "))
+    raise AssertionError("the stream ended without a job.waiting event")
+
+
 def test_resource_classes_and_their_queues():
     assert resource_class({}) == "cpu"
     assert resource_class({"accelerator": "cpu", "devices": 2}) == "cpu-x2"
@@ -87,6 +99,7 @@ def test_a_job_waits_for_a_worker_of_its_class_and_only_that_worker_runs_it(gpu_
         assert f"REFINERY_WORKER_CLASSES={name}" in seen["waiting_for"]["message"]
     listed = {j["id"]: j for j in platform.http.get("/v1/jobs", params={"status": "queued"}).json()["data"]}
     assert listed[gpu_job["id"]]["waiting_for"]["reason"] == "no_worker_for_class"
+    assert sse_waiting(platform, gpu_job["id"])["data"] == platform.job(gpu_job["id"])["waiting_for"]
     # Each message went to its class's queue.
     assert gpu_job["id"] in queued_job_ids(redis_client, f"{queue}.gpu")
     assert gpu_job["id"] not in queued_job_ids(redis_client, queue)

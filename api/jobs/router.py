@@ -129,14 +129,24 @@ def list_events(job: OwnedJob, request: Request, session: SessionDep, settings: 
 
 
 async def _stream_events(url: str, job_id: str, cursor: int, request: Request):
-    """Server-sent events: each event once, in order; ends after the job finishes and its last event is sent."""
+    """Server-sent events: each event once, in order; ends after the job finishes and its last event is sent. While
+    the job is queued, a `job.waiting` event (no id: it is not in the ledger) carries its waiting_for in `data` each
+    time that changes, e.g. when no worker serves its resource class."""
     last_beat = time.monotonic()
+    waiting = None
     while not await request.is_disconnected():
-        rows, status = await asyncio.to_thread(_poll_events, url, job_id, cursor)
+        rows, status, now_waiting = await asyncio.to_thread(_poll_events, url, job_id, cursor)
         for event in rows:
             cursor = event.seq
             payload = EventObject.of(event).model_dump_json()
             yield f"id: evt_{event.seq}\nevent: {event.type}\ndata: {payload}\n\n"
+        if now_waiting != waiting:
+            waiting = now_waiting
+            if waiting:
+                # Shaped like a job event (the dashboard's timeline shows it), without an id: no cursor moves.
+                payload = {"object": "event", "job_id": job_id, "created_at": time.time(), "level": "warning",
+                           "type": "job.waiting", "message": waiting["message"], "data": waiting}
+                yield f"event: job.waiting\ndata: {json.dumps(payload)}\n\n"
         if not rows and status in TERMINAL:
             yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
             return
@@ -152,7 +162,7 @@ def _poll_events(url: str, job_id: str, cursor: int):
     try:
         rows, _ = event_repo.list_events(session, job_id, after_seq=cursor, limit=500)
         job = job_repo.get_job(session, job_id)
-        return rows, job.status if job else "failed"
+        return rows, job.status if job else "failed", worker_registry.waiting_for(url, job) if job else None
     finally:
         session.close()
 
