@@ -165,3 +165,147 @@ def test_bad_shards_fail_with_a_code_naming_the_shard(tmp_path):
     with pytest.raises(JobFailure) as failure:
         open_sharded(f"file://{tmp_path}/labels/", settings, label_column=None).load_all()
     assert failure.value.code == "bad_shard" and manifest["shards"][1]["path"] in failure.value.message
+
+
+# --- jobs over HTTP on a platform with a memory cap ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def capped(redis_client, tmp_path_factory):
+    """API + worker with REFINERY_MAX_INMEMORY_BYTES=CAP and the streamed-row log on, on their own database and
+    queue (the session platform's sweeper and worker never see these jobs). Data: digits as 12 Parquet shards with a
+    manifest, the first 1397 digits images as 8 WebDataset tars, and a folder with one damaged Parquet shard."""
+    root = tmp_path_factory.mktemp("sharded-data")
+    x, y = _digits()
+    write_parquet_shards(root / "digits_pq", x, y, shards=12)
+    write_tar_shards(root / "digits_wds", x[:1397], y[:1397], shards=8)
+    names = write_parquet_shards(root / "damaged", x, y, shards=10, manifest=False)
+    (root / "damaged" / names[6]).write_bytes(b"PAR1" + os.urandom(300))
+    home = tmp_path_factory.mktemp("capped-home")
+    with fresh_database() as url:
+        env = dict(os.environ, REFINERY_HOME=str(home), REFINERY_DATABASE_URL=url, REFINERY_BROKER_URL=REDIS_URL,
+                   REFINERY_QUEUE=f"{QUEUE}.sharded", REFINERY_STORAGE_URL=f"file://{home / 'store'}",
+                   REFINERY_BOOTSTRAP_TOKEN=TOKEN, REFINERY_DATA_ROOTS=str(root), REFINERY_PORT=str(free_port()),
+                   REFINERY_LEASE_SECONDS="3", REFINERY_HEARTBEAT_SECONDS="0.5", REFINERY_CHECKPOINT_SECONDS="1",
+                   REFINERY_REDISPATCH_SECONDS="2", REFINERY_SWEEP_SECONDS="0.5",
+                   REFINERY_RATE_LIMIT_PER_MINUTE="100000", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                   REFINERY_MAX_INMEMORY_BYTES=str(CAP), REFINERY_STREAM_ROW_LOG=str(home / "rows"))
+        p = Platform(env, home)
+        p.start_api()
+        p.start_worker()
+        p.data = root
+        try:
+            yield p
+        finally:
+            p.stop()
+            redis_client.delete(f"{QUEUE}.sharded")
+
+
+def _row_log(platform: Platform, job_id: str, attempt: int) -> list[tuple[int, int, list[str]]]:
+    path = platform.home / "rows" / f"{job_id}-attempt-{attempt}.log"
+    return [(int(e), int(s), ids) for e, s, *ids in (line.split() for line in path.read_text().splitlines())]
+
+
+def test_a_parquet_dataset_five_times_the_cap_streams_through_a_kill_with_every_row_once_per_epoch(capped):
+    assert 1797 * ROW_BYTES >= 5 * CAP
+    epochs = 2
+    job = capped.submit({"method": "train", "dataset": {"uri": f"file://{capped.data}/digits_pq/"},
+                         "model": {"arch": "mlp"}, "params": {"epochs": epochs, "batch_size": 2},
+                         "budget": {"max_seconds": 300}, "seed": 4})
+    # SIGKILL the worker just after a checkpoint taken well inside an epoch (50+ steps in, not at its end).
+    deadline, killed = time.time() + 120, None
+    while time.time() < deadline and killed is None:
+        events = capped.events(job["id"])
+        loaded = next((e for e in events if e["type"] == "data.loaded"), None)
+        for event in events:
+            if event["type"] == "checkpoint.saved" and loaded and \
+                    event["data"]["step"] % -(-loaded["data"]["train_rows"] // 2) >= 50:
+                capped.kill_worker()
+                killed = event["data"]["step"]
+                break
+        time.sleep(0.1)
+    assert killed is not None, capped.worker_log()[-3000:]
+    assert loaded["data"]["streamed"] is True
+    capped.start_worker()
+    done = capped.wait(job["id"], timeout=240)
+    assert done["status"] == "succeeded" and done["attempt"] == 2, done
+    resumed = next(e for e in capped.events(job["id"]) if e["type"] == "job.resumed")["data"]["step"]
+    report = capped.http.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
+    steps_per_epoch = -(-report["dataset"]["train_rows"] // 2)
+    assert resumed >= killed and resumed % steps_per_epoch, (resumed, steps_per_epoch)  # resumed mid-epoch
+    assert report["dataset"]["streamed"] and report["training"]["steps"] == epochs * steps_per_epoch
+
+    # The rows each attempt trained on: attempt 1 up to the checkpoint attempt 2 resumed from, then attempt 2.
+    manifest = json.loads((capped.data / "digits_pq" / "manifest.json").read_text())
+    held_out = report["dataset"]["validation_shards"]
+    expected = Counter(str(i) for shard in manifest["shards"] if shard["path"] not in held_out
+                       for i in pq.read_table(capped.data / "digits_pq" / shard["path"]).column("row_id").to_pylist())
+    first, second = _row_log(capped, job["id"], 1), _row_log(capped, job["id"], 2)
+    assert second[0][1] == resumed  # no step skipped or replayed at the seam
+    trained = [line for line in first if line[1] < resumed] + second
+    assert [step for _, step, _ in trained] == list(range(epochs * steps_per_epoch))
+    for epoch in range(epochs):
+        seen = Counter(i for e, _, ids in trained if e == epoch for i in ids)
+        assert seen == expected, f"epoch {epoch}: {sum(seen.values())} rows, {len(set(seen))} distinct"
+    assert sum(expected.values()) == report["dataset"]["train_rows"] and len(held_out) == 1
+    assert done["result"]["metrics"]["accuracy"] > 0.8
+
+
+def test_webdataset_tar_shards_train_end_to_end_and_the_model_scores_in_onnx_runtime(capped):
+    x, y = _digits()
+    job = capped.submit({"method": "train", "dataset": {"uri": f"file://{capped.data}/digits_wds/"},
+                         "model": {"arch": "mlp"}, "params": {"epochs": 8, "batch_size": 32, "lr": 3e-3},
+                         "budget": {"max_seconds": 300}, "seed": 1})
+    done = capped.wait(job["id"], timeout=240)
+    assert done["status"] == "succeeded", done
+    report = capped.http.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
+    assert report["dataset"]["streamed"] and report["dataset"]["format"] == "webdataset"
+    assert report["dataset"]["input_shape"] == [1, 8, 8] and report["dataset"]["train_shards"] == 7
+    card = capped.http.get(f"/v1/jobs/{job['id']}/artifacts/model.json").json()
+    assert card["input_shape"] == [1, 8, 8]
+    onnx = capped.http.get(f"/v1/jobs/{job['id']}/artifacts/model.onnx").content
+    accuracy = onnx_accuracy(onnx, x[1397:].reshape(-1, 1, 8, 8), y[1397:])  # 400 digits no shard holds
+    assert accuracy > 0.85, accuracy
+
+
+def test_a_damaged_shard_fails_the_job_with_bad_shard_naming_it(capped):
+    job = capped.submit({"method": "train", "dataset": {"uri": f"file://{capped.data}/damaged",
+                                                        "label_column": "label"},
+                         "model": {"arch": "mlp"}, "budget": {"max_seconds": 60}})
+    done = capped.wait(job["id"], timeout=120)
+    assert done["status"] == "failed" and done["error"]["code"] == "bad_shard", done
+    assert "part-000006.parquet" in done["error"]["message"]
+
+
+def test_shards_on_s3_stream_through_worker_processes(tmp_path):
+    """s3:// through fsspec/s3fs against moto's S3 server on loopback, read by a DataLoader worker process."""
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    import fsspec
+    import fsspec.config
+
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    saved = {k: os.environ.get(k) for k in ("FSSPEC_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update(FSSPEC_S3_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="test",
+                      AWS_SECRET_ACCESS_KEY="test")
+    fsspec.config.set_conf_env(fsspec.config.conf)
+    try:
+        x, y = _digits()
+        write_tar_shards(tmp_path / "wds", x[:300], y[:300], shards=3)
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
+        fs.mkdir("sharded-test")
+        fs.put(str(tmp_path / "wds") + "/", "sharded-test/digits/", recursive=True)
+        source = open_sharded("s3://sharded-test/digits/", _settings(tmp_path), label_column=None)
+        assert source.format == "webdataset" and source.rows == 300 and source.input_shape == (1, 8, 8)
+        assert source.classes == [str(i) for i in range(10)]  # from the indexing pass over the .cls members
+        stream = ShardStream(source, seed=0, epoch=0, rank=0, world=1, batch_size=25, window_rows=100)
+        assert sorted(_ids(stream, workers=1)) == [f"{i:06d}" for i in range(300)]
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        fsspec.config.conf.pop("s3", None)
