@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     stream_row_log: str = ""
 
     torch_threads: int = 1
+    # The longest a rank of a multi-device job waits in a collective for the others (a lost rank is caught sooner,
+    # by the elastic launcher; this bounds a hang).
+    distributed_timeout_seconds: float = Field(default=300.0, gt=0)
     device: str = "auto"  # cpu | cuda | auto (cuda when available)
 
     @field_validator("outbound_allowed_networks")

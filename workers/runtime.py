@@ -99,9 +99,26 @@ class JobRun:
         if max_steps is not None and step is not None and step >= max_steps:
             raise Stop("budget", step)
 
+    def stop_requested(self) -> str | None:
+        """What the heartbeat has seen: "lease_lost", "cancelled" or None (relayed to the ranks of a multi-device
+        job, whose loop checks the flags in this process's stead)."""
+        if self._lease_lost.is_set():
+            return "lease_lost"
+        return "cancelled" if self._cancelled.is_set() else None
+
     # --- heartbeat ---------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._heartbeat.start()
+
+    def release(self) -> None:
+        """Stop the heartbeat and let the lease run out now, not in lease_seconds: an abandoned attempt (a lost rank)
+        is requeued by the reaper's next sweep and resumes from its last checkpoint."""
+        self._stop_heartbeat.set()
+        if self._heartbeat.is_alive():
+            self._heartbeat.join(timeout=10)
+        with transaction(self.settings.database_url) as session:
+            lifecycle.renew(session, self.job_id, self.token, 0.0, used_seconds=self.used_seconds(),
+                            progress=self.public_progress())
 
     def close(self) -> None:
         self._stop_heartbeat.set()
@@ -168,6 +185,10 @@ class JobRun:
     def count_samples(self, n: int) -> None:
         """Called by the training loop after each optimizer step with the batch size."""
         self._samples += n
+
+    def adopt_progress(self, progress: dict[str, Any], samples: int) -> None:
+        """Progress and samples counted by rank 0 of a multi-device job, for this process's heartbeat to publish."""
+        self._progress, self._samples = progress, samples
 
     def samples_per_second(self) -> float | None:
         """Training throughput over the interval since the previous reading (at least 1 s, so one heartbeat apart):

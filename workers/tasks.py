@@ -1,5 +1,7 @@
 """The one Celery task, `run_job(job_id)`: claim the job, run its recipe under its budget, finish it. It never
-raises: every outcome, including bad input and bugs, is written to the ledger and the worker takes the next job."""
+raises: every outcome, including bad input and bugs, is written to the ledger and the worker takes the next job.
+A job with resources.devices > 1 runs its recipe on that many ranks (workers/distributed.py) while this process keeps
+the claim and the heartbeat."""
 import logging
 import time
 
@@ -11,6 +13,7 @@ from db import lifecycle
 from db.repositories.events import add_event, drop_metrics_after
 from db.repositories.jobs import get_job
 from db.session import transaction
+from workers import distributed
 from workers.checkpoints import unpack
 from workers.errors import JobFailure
 from workers.methods import get_recipe
@@ -39,9 +42,19 @@ def execute(job_id: str) -> str:
     log.info("job %s attempt %s began on %s", job_id, run.attempt, run.worker)
     outcome = "crashed"
     try:
-        status, result, error = _run_recipe(run)
+        if run.spec.resources.devices > 1:
+            status, result, error = distributed.launch(run)
+        else:
+            status, result, error = run_recipe(run)
         _finish(run, status, result, error)
         outcome = status
+    except distributed.RanksLost as lost:
+        log.warning("job %s: %s", job_id, lost)
+        _abandon(run, lost)
+        outcome = lost.outcome
+    except distributed.Abandoned as abandoned:
+        log.warning("job %s: %s; abandoning attempt %s to the reaper", job_id, abandoned, run.attempt)
+        outcome = abandoned.outcome
     except lifecycle.LeaseLost:
         log.warning("job %s: lease lost; another attempt owns it now", job_id)
         outcome = "lease_lost"
@@ -70,7 +83,19 @@ def _finish(run: JobRun, status: str, result: dict | None, error: dict | None) -
         run.drop_checkpoints()
 
 
-def _run_recipe(run: JobRun) -> tuple[str, dict | None, dict | None]:
+def _abandon(run: JobRun, lost: "distributed.RanksLost") -> None:
+    """A rank died: say so, and hand the lease back now so the reaper requeues the job at its next sweep (the next
+    attempt resumes from the last checkpoint) instead of after lease_seconds."""
+    try:
+        run.event("job.rank_lost", str(lost), level="warning", ranks=lost.ranks)
+        run.release()
+    except (lifecycle.LeaseLost, *LEDGER_ERRORS) as exc:  # the lease runs out on its own
+        log.warning("job %s: could not hand the lease back (%s)", run.job_id, type(exc).__name__)
+
+
+def run_recipe(run: JobRun) -> tuple[str, dict | None, dict | None]:
+    """Set the recipe up, resume it from the newest checkpoint, run it: (status, result, error). In a multi-device job
+    every rank runs this; rank 0's run is the one that writes."""
     started = time.time()
     try:
         recipe = get_recipe(run.spec.method, run.spec.algorithm or "")
@@ -78,16 +103,20 @@ def _run_recipe(run: JobRun) -> tuple[str, dict | None, dict | None]:
             raise JobFailure("method_unavailable", f"This worker cannot run {run.spec.method}/{run.spec.algorithm}.",
                              "infra_error")
         run.event("job.started", f"Attempt {run.attempt} started on {run.worker}.", attempt=run.attempt)
+        distributed.announce(run)
         recipe.setup(run)
         checkpoint = run.load_checkpoint()
         if checkpoint is not None:
             blob, meta = checkpoint
             recipe.load_checkpoint(unpack(blob), meta)
-            with transaction(run.settings.database_url) as session:
-                drop_metrics_after(session, run.job_id, int(meta.get("metric_step", meta.get("step", 0))))
+            if distributed.is_main():
+                with transaction(run.settings.database_url) as session:
+                    drop_metrics_after(session, run.job_id, int(meta.get("metric_step", meta.get("step", 0))))
             run.event("job.resumed", f"Resumed from the checkpoint at step {meta.get('step')}.", step=meta.get("step"))
         outcome = recipe.run(run)
         return "succeeded", {"metrics": outcome.metrics, "stopped_by": outcome.stopped_by, **outcome.extra}, None
+    except distributed.FollowerDone:  # a rank > 0 at the end of training: rank 0 publishes and reports
+        return "succeeded", None, None
     except Stop as stop:
         return "cancelled", {"stopped_by": stop.reason, "seconds": round(time.time() - started, 2)}, None
     except (lifecycle.LeaseLost, *LEDGER_ERRORS):

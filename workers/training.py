@@ -1,16 +1,21 @@
 """Building blocks every recipe's loop shares: device choice, optimizers and schedules, seeded epoch shuffles, and
-one epoch of optimisation with the per-step budget/cancel check and a NaN guard. The loss is the recipe's own."""
+one epoch of optimisation with the per-step budget/cancel check and a NaN guard. The loss is the recipe's own. The
+same epoch runs data-parallel on every rank of a multi-device job (workers/distributed.py)."""
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 
+from workers import distributed
 from workers.errors import JobFailure
 from workers.runtime import JobRun
 
 
 def pick_device(setting: str) -> torch.device:
+    rank_device = distributed.device()
+    if rank_device is not None:  # a rank of a multi-device job trains on its own device
+        return rank_device
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
@@ -57,29 +62,33 @@ def train_one_epoch(run: JobRun, model: torch.nn.Module, optimizer: torch.optim.
                     batch_size: int, loss_of_batch: Callable[[Any], torch.Tensor], *, seed: int, epoch: int,
                     step: int, lr_hint: float | None = None, batches: Iterable[Any] | None = None,
                     rows_of: Callable[[Any], int] = len) -> tuple[float, int]:
-    """One pass over `rows` in seeded batches: `loss_of_batch(indices)` gives the loss to minimise. Checks the budget
-    and cancel flag before every step. Returns (mean loss, new global step).
+    """One pass over `rows` in seeded batches: `loss_of_batch(indices)` gives the loss to minimise (a mean over the
+    batch's rows). Checks the budget and cancel flag before every step. Returns (mean loss, new global step).
 
     `batches` replaces the seeded index batches with another source (a streamed dataset's (x, y) batches);
-    `rows_of(batch)` then says how many rows each one holds."""
+    `rows_of(batch)` then says how many rows each one holds.
+
+    In a multi-device job every rank makes the same call: each takes its slice of every seeded global batch (batches
+    from another source are already this rank's), DDP averages the gradients, and all ranks stop at the step rank 0
+    decides; the loss returned is the mean over every rank's rows."""
     model.train()
     total, seen = 0.0, 0
     if batches is None:
-        batches = epoch_batches(rows, batch_size, seed, epoch, next(model.parameters()).device)
-    for index in batches:
-        run.check(step)
-        loss = loss_of_batch(index)
-        if not torch.isfinite(loss):
+        batches = distributed.rank_slices(epoch_batches(rows, batch_size, seed, epoch, next(model.parameters()).device))
+    replica = distributed.replica(model, optimizer, loss_of_batch)
+    for batch, rows_here, rows_all in replica.steps(run, batches, step, rows_of):
+        loss, step_loss = replica.loss(batch, rows_here, rows_all)
+        if not torch.isfinite(step_loss):
             hint = f" (now {lr_hint})" if lr_hint is not None else ""
-            raise JobFailure("nan_loss", f"The loss became {loss.item()} at step {step}; lower params.lr{hint} or "
-                             "check the inputs for extreme values.")
+            raise JobFailure("nan_loss", f"The loss became {step_loss.item()} at step {step}; lower params.lr{hint} "
+                             "or check the inputs for extreme values.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
-        n = rows_of(index)
-        total += loss.item() * n
-        seen += n
+        total += step_loss.item() * rows_all
+        seen += rows_all
         if isinstance(run, JobRun):  # a helper process's Deadline has no heartbeat to report throughput through
-            run.count_samples(n)
+            run.count_samples(rows_all)
+    replica.close()
     return total / max(1, seen), step

@@ -19,6 +19,7 @@ from core.methods.distill import (
     MultiTeacherParams,
     StudentTraining,
 )
+from workers import distributed
 from workers.checkpoints import optimizer_tensors, pack, restore_optimizer
 from workers.distillation import comparison
 from workers.distillation.distribution_matching import DistributionMatching
@@ -87,6 +88,8 @@ class StudentDistillation:
     from-scratch twin (same architecture, same initial weights, same shuffles and schedule) trains on the labeled
     rows in the same epochs, so a budget stop cuts both at the same point; its model.onnx is published as
     baseline.onnx."""
+
+    data_parallel = True  # trains through train_one_epoch and ends training with distributed.training_done()
 
     def __init__(self, params_model: type[StudentTraining],
                  make_strategy: Callable[[StudentTraining, int], TargetStrategy]):
@@ -223,6 +226,7 @@ class StudentDistillation:
         except Stop as stop:
             stopped_by = run.budget_reached(stop, f"Budget reached after {self.epoch} full epochs; keeping the best "
                                             "student.")
+        distributed.training_done()
         if self.best.state is None:
             raise JobFailure("budget_exhausted", "The budget ran out before the student finished one epoch; raise "
                              "budget.max_seconds or lower params.epochs.")
@@ -246,7 +250,7 @@ class StudentDistillation:
                                                 self._student_loss, seed=seed, epoch=self.epoch, step=self.step,
                                                 lr_hint=p.lr)
         self.seconds["student"] += time.perf_counter() - started
-        sums = {name: total.cpu() for name, total in self.sums.items()}
+        sums = {name: distributed.sum_over_ranks(total).cpu() for name, total in self.sums.items()}
         soft_means = sums["soft"] / sums["rows"].clamp_min(1)
         self.strategy.update(soft_means)
         scores = self.evaluate()

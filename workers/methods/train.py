@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from core.methods.train import TrainParams
+from workers import distributed
 from workers.checkpoints import optimizer_tensors, pack, restore_optimizer
 from workers.data.streaming import ShardStream, StreamState, stream_epoch
 from workers.errors import JobFailure
@@ -22,6 +23,7 @@ from workers.runtime import JobRun, Stop
 from workers.training import auto_batch_size, lr_factor, make_optimizer, pick_device, set_lr, train_one_epoch
 
 AUTO_MAX_EPOCHS = 1000
+PROGRESS_EVERY = 50  # steps between progress updates inside a streamed epoch
 
 
 def shift_images(x: torch.Tensor) -> torch.Tensor:
@@ -32,6 +34,8 @@ def shift_images(x: torch.Tensor) -> torch.Tensor:
 
 @register("train", "supervised")
 class SupervisedTraining:
+    data_parallel = True  # trains through train_one_epoch and ends training with distributed.training_done()
+
     def setup(self, run: JobRun) -> None:
         self.p = TrainParams.model_validate(run.params)
         self.run_ = run
@@ -98,6 +102,7 @@ class SupervisedTraining:
         total_steps = None if p.epochs == "auto" else self.epochs * self.steps_per_epoch
         if run.spec.budget.max_steps:
             total_steps = min(total_steps or run.spec.budget.max_steps, run.spec.budget.max_steps)
+        self.total_steps = total_steps
         try:
             while self.epoch < self.epochs:
                 self._train_epoch(run, total_steps)
@@ -108,6 +113,7 @@ class SupervisedTraining:
             stopped_by = run.budget_reached(stop, f"Budget reached after {self.epoch} full epochs; keeping the best "
                                             "model.")
             self.step = stop.step if stop.step is not None else self.step
+        distributed.training_done()
         if self.best_state is None:
             raise JobFailure("budget_exhausted", "The budget ran out before one epoch finished, so there is no model "
                              "to keep; raise budget.max_seconds or lower the data size.")
@@ -185,6 +191,8 @@ class SupervisedTraining:
                 yield batch.x.to(self.device), batch.y.to(self.device)
                 stream.record(batch)
                 self.step += 1  # what train_one_epoch counts too; the checkpoint below needs it now
+                if self.step % PROGRESS_EVERY == 0:  # a streamed epoch may be long: report progress inside it
+                    run.progress(self.step, self.total_steps, epoch=self.epoch)
                 if run.checkpoint_due() and stream.batches_done() < len(stream):
                     groups, meta = self.save_checkpoint()
                     run.save_checkpoint(pack(groups), meta)

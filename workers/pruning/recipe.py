@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from core.catalog import Params
+from workers import distributed
 from workers.checkpoints import optimizer_tensors, pack, restore_optimizer
 from workers.errors import JobFailure
 from workers.evaluation import classification_report, predict_logits
@@ -110,6 +111,8 @@ class Strategy(ABC):
 
 class PruningJob:
     """The prune method's recipe (workers.methods protocol), parameterised by a Strategy."""
+
+    data_parallel = True  # fine-tunes through train_one_epoch and ends training with distributed.training_done()
 
     def __init__(self, strategy: Strategy):
         self.strategy = strategy
@@ -261,6 +264,7 @@ class PruningJob:
         except Stop as stop:
             stopped_by = run.budget_reached(stop, f"Budget reached in stage {self.stage_index + 1}/{len(self.plan)}; "
                                             "keeping the last acceptable model.")
+        distributed.training_done()
         return self._finish(run, stopped_by)
 
     def _run_stage(self, run: JobRun) -> None:

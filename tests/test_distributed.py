@@ -1,0 +1,147 @@
+"""Multi-device jobs over HTTP on the real platform: a `train` job on 2 gloo ranks (resources.devices 2, class cpu-x2)
+matches the same job on one process at the same global batch and seed, a kd student trains on 2 ranks, and a rank
+killed mid-run abandons its attempt, which the reaper requeues and the next attempt resumes from its checkpoint."""
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load as load_tensors
+
+from core.spec import Resources
+from tests.conftest import onnx_accuracy
+from workers import distributed
+from workers.errors import JobFailure
+
+DIGITS = {"uri": "builtin://digits", "validation": {"fraction": 0.2}}
+# No dropout: the 2-rank run then computes the 1-process run's gradients exactly, up to float summation order.
+MLP = {"arch": "mlp", "args": {"hidden": [64], "dropout": 0.0}}
+PARAMS = {"epochs": 4, "batch_size": 64, "lr": 0.003, "optimizer": "adam", "schedule": "constant"}
+TWO_RANKS = {"accelerator": "cpu", "devices": 2}
+
+
+def train_spec(resources: dict | None = None, epochs: int = 4) -> dict:
+    spec = {"method": "train", "model": MLP, "dataset": DIGITS, "params": {**PARAMS, "epochs": epochs},
+            "budget": {"max_seconds": 300}, "seed": 3}
+    return {**spec, "resources": resources} if resources else spec
+
+
+def succeeded(platform, job_id: str) -> dict:
+    job = platform.wait(job_id, timeout=240)
+    assert job["status"] == "succeeded", (job.get("error"), platform.worker_log()[-4000:])
+    return job
+
+
+def artifact(platform, job_id: str, name: str) -> bytes:
+    response = platform.http.get(f"/v1/jobs/{job_id}/artifacts/{name}")
+    assert response.status_code == 200, response.text
+    return response.content
+
+
+def of_type(events: list[dict], type_: str) -> list[dict]:
+    return [e for e in events if e["type"] == type_]
+
+
+@pytest.fixture(scope="module")
+def one_and_two(platform):
+    """The same train job on 1 process and on 2 ranks (submitted together: one worker runs them in turn)."""
+    one = platform.submit(train_spec())
+    two = platform.submit(train_spec(TWO_RANKS))
+    return succeeded(platform, one["id"]), succeeded(platform, two["id"])
+
+
+def test_two_rank_train_job_matches_one_process(platform, one_and_two, data_root):
+    one, two = one_and_two
+    assert two["spec"]["resources"]["devices"] == 2
+    weights = [load_tensors(artifact(platform, job["id"], "model.safetensors")) for job in (one, two)]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        np.testing.assert_allclose(weights[1][name], weights[0][name], atol=2e-4, rtol=0, err_msg=name)
+    # The same curves epoch by epoch (the loss is the mean over both ranks' rows), the same validation accuracy.
+    curves = [job["result"]["metrics"] for job in (one, two)]
+    assert abs(curves[0]["accuracy"] - curves[1]["accuracy"]) <= 0.01, curves
+    series = [platform.http.get(f"/v1/jobs/{job['id']}/metrics", params={"name": "train_loss"}).json()
+              for job in (one, two)]
+    losses = [[point["value"] for point in s["data"][0]["points"]] for s in series]
+    assert len(losses[0]) == len(losses[1]) == PARAMS["epochs"]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+    # The deployable model a user downloads answers like the 1-process one on rows neither job saw.
+    test = np.load(data_root / "digits_test.npz")
+    accuracies = [onnx_accuracy(artifact(platform, job["id"], "model.onnx"), test["x"], test["y"]) for job in (one, two)]
+    assert accuracies[1] > 0.85 and abs(accuracies[0] - accuracies[1]) <= 0.01, accuracies
+
+
+def test_the_events_say_the_job_ran_on_two_ranks(platform, one_and_two):
+    one, two = one_and_two
+    started = of_type(platform.events(two["id"]), "distributed.started")
+    assert len(started) == 1, started
+    data = started[0]["data"]
+    assert data["world_size"] == 2 and data["backend"] == "gloo"
+    assert [r["rank"] for r in data["ranks"]] == [0, 1] and len({r["pid"] for r in data["ranks"]}) == 2
+    assert not of_type(platform.events(one["id"]), "distributed.started")
+    # One attempt, progress published by the worker's heartbeat from rank 0's count.
+    assert two["attempt"] == 1 and two["progress"]["fraction"] == 1.0
+
+
+def test_kd_student_trains_on_two_ranks(platform, one_and_two, data_root):
+    teacher = one_and_two[0]
+    job = platform.submit({"method": "distill", "algorithm": "kd", "model": {"uri": f"job://{teacher['id']}"},
+                           "student": {"arch": "mlp", "args": {"hidden": [32], "dropout": 0.0}}, "dataset": DIGITS,
+                           "params": {"epochs": 3, "batch_size": 64}, "resources": TWO_RANKS,
+                           "budget": {"max_seconds": 300}, "seed": 0})
+    job = succeeded(platform, job["id"])
+    assert of_type(platform.events(job["id"]), "distributed.started")[0]["data"]["world_size"] == 2
+    test = np.load(data_root / "digits_test.npz")
+    assert onnx_accuracy(artifact(platform, job["id"], "model.onnx"), test["x"], test["y"]) > 0.8
+
+
+def test_a_killed_rank_requeues_the_attempt_and_the_next_resumes(platform):
+    job = platform.submit(train_spec(TWO_RANKS, epochs=40))
+    deadline, ranks = time.time() + 120, None
+    while time.time() < deadline:  # rank 1's pid, once a checkpoint exists to resume from
+        events = platform.events(job["id"])
+        started = of_type(events, "distributed.started")
+        if started and of_type(events, "checkpoint.saved"):
+            ranks = started[0]["data"]["ranks"]
+            break
+        assert platform.job(job["id"])["status"] in ("queued", "running")
+        time.sleep(0.2)
+    assert ranks is not None, platform.worker_log()[-3000:]
+    os.kill(ranks[1]["pid"], signal.SIGKILL)
+
+    job = succeeded(platform, job["id"])
+    events = platform.events(job["id"])
+    lost = of_type(events, "job.rank_lost")
+    assert len(lost) == 1 and lost[0]["attempt"] == 1, lost
+    assert lost[0]["data"]["ranks"][0]["rank"] == 1 and lost[0]["data"]["ranks"][0]["signal"] == "SIGKILL"
+    assert job["attempt"] == 2 and of_type(events, "job.requeued")
+    resumed = of_type(events, "job.resumed")
+    assert len(resumed) == 1 and resumed[0]["attempt"] == 2 and resumed[0]["data"]["step"] > 0
+    # The second attempt ran on 2 ranks again; both attempts' processes are gone.
+    assert [e["attempt"] for e in of_type(events, "distributed.started")] == [1, 2]
+    for rank in ranks:
+        with pytest.raises(ProcessLookupError):
+            os.kill(rank["pid"], 0)
+    assert job["result"]["metrics"]["accuracy"] > 0.85
+
+
+def test_more_devices_than_the_worker_has_fail_with_a_code():
+    with pytest.raises(JobFailure) as gpus:
+        distributed.require_devices(Resources(accelerator="gpu", devices=torch.cuda.device_count() + 1))
+    assert gpus.value.code == "devices_unavailable" and "GPUs" in gpus.value.message
+    with pytest.raises(JobFailure) as cores:
+        distributed.require_devices(Resources(devices=len(os.sched_getaffinity(0)) + 1))
+    assert cores.value.code == "devices_unavailable"
+    with pytest.raises(JobFailure) as nodes:
+        distributed.require_devices(Resources(devices=1, nodes=2))
+    assert nodes.value.code == "nodes_unsupported"
+    distributed.require_devices(Resources(devices=2))  # what this 2-core machine gives
+
+
+def test_the_loop_is_local_without_a_process_group():
+    assert distributed.world() == 1 and distributed.is_main() and distributed.device() is None
+    index = torch.arange(10)
+    assert list(distributed.rank_slices([index]))[0] is index
+    distributed.training_done()  # nothing to leave in a 1-process job

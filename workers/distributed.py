@@ -1,0 +1,576 @@
+"""Multi-device jobs: `resources.devices` = N > 1 trains one model in N processes (ranks) with DistributedDataParallel,
+gloo on CPU, NCCL on GPU (one GPU per rank). The decisions, also in the README:
+
+- Launch. The worker process keeps the claim, the heartbeat and the lease. It starts the ranks with torch's elastic
+  launcher (`elastic_launch`, what `torchrun --standalone` runs: a c10d rendezvous on 127.0.0.1, spawned processes,
+  no restarts) and waits for them. Every rank runs the job's recipe (setup, checkpoint resume, run) as the one process
+  of a 1-device job would, with torch threads set to 1.
+- Writes. Rank 0 holds a RankRun: the attempt's own lease token fences its events, metrics, checkpoints and artifacts,
+  as in a 1-device job, and it has no heartbeat of its own. Ranks > 0 hold a FollowerRun that writes nothing.
+- Control. A TCPStore the worker process hosts carries the heartbeat's cancel / lease-lost flag to rank 0, rank 0's
+  progress and sample count back to the heartbeat, and every rank's outcome back to the worker (Relay, Control).
+- The loop is workers/training.train_one_epoch, the one every method trains through. Every rank draws the global
+  batches a 1-device run draws (same seed, same batch size) and takes index[rank::world] of each; DDP averages the
+  gradients and the loss is scaled by rows_here * world / rows_all, so each step's gradient is the 1-device step's
+  (up to float summation order). One all_reduce per step carries rank 0's stop decision (budget, cancel, lease),
+  whether every rank has rows, and the rows in the step: every rank stops at the same step. A second carries the
+  batch loss, so a non-finite loss stops every rank at once. DDP is built per call (an epoch) over the model plus the
+  optimizer's other parameters (kd's hint regressor), so a model pruned between epochs is wrapped as it now is, and
+  the recipe's own loss is DDP's forward, so recipes keep calling their model directly. Buffers (BatchNorm
+  statistics) are rank 0's, broadcast after each epoch: every rank evaluates the same model and takes the same
+  decisions (best epoch, plateau). A global batch with fewer rows than ranks (an epoch's tail) ends the epoch.
+- After training a recipe calls `training_done()`: ranks > 0 leave there, and rank 0 exports, measures and publishes
+  alone (any later train_one_epoch, e.g. a comparison model, runs on rank 0 only). Recipes that train this way say
+  so with `data_parallel = True`; others refuse devices > 1 with `devices_unsupported`.
+- Failure. A rank that dies (killed, out of memory) ends the launch: elastic stops the others, the attempt is
+  abandoned with a `job.rank_lost` event and its lease handed back (JobRun.release), so the reaper requeues it at its
+  next sweep and the next attempt resumes from the last checkpoint (past max_attempts the reaper fails it as
+  worker_lost). A rank that raises fails the job as any bug does. More devices than the worker has (GPUs, or CPU
+  cores for gloo) fails with `devices_unavailable`; more than one node with `nodes_unsupported`. Budgets count wall
+  time from the claim, as for one device.
+"""
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from core.settings import Settings
+from core.spec import Resources
+from db import lifecycle
+from db.models import Job
+from workers.errors import JobFailure
+from workers.runtime import JobRun, Stop
+
+log = logging.getLogger("refinery.worker")
+
+POLL_SECONDS = 0.2  # how often rank 0 reads the heartbeat's flag, and the worker process reads rank 0's progress
+FOLLOWER_GRACE_SECONDS = 10.0  # a rank > 0 still running this long after rank 0 posted its outcome is stopped
+SHUTDOWN_SECONDS = 5  # elastic's wait between SIGTERM and SIGKILL when it stops the ranks
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)  # the handlers torch elastic takes over
+GO, CANCELLED, BUDGET, LEASE_LOST = 0, 1, 2, 3  # rank 0's stop decision, as the per-step all_reduce carries it
+
+_training_over = False  # set on rank 0 by training_done(): later loops run on this process alone
+
+
+class FollowerDone(Exception):
+    """Raised on ranks > 0 where training ends: what follows (export, report, publishing) is rank 0's."""
+
+
+class Abandoned(Exception):
+    """The attempt cannot be recorded or continued here; its lease runs out and the reaper requeues it."""
+
+    def __init__(self, outcome: str, message: str):
+        super().__init__(message)
+        self.outcome = outcome
+
+
+class RanksLost(Abandoned):
+    """A rank died mid-attempt. `ranks` describes the dead ones (rank, pid, signal or exit code)."""
+
+    def __init__(self, message: str, ranks: list[dict[str, Any]]):
+        super().__init__("rank_lost", message)
+        self.ranks = ranks
+
+
+# --- where this process stands ---------------------------------------------------------------------------------
+def world() -> int:
+    """Ranks the training loop runs on: 1 outside a multi-device job, and on rank 0 once training_done() ran."""
+    if _training_over or not dist.is_initialized():
+        return 1
+    return dist.get_world_size()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """True in a 1-device job and on rank 0: the process that writes."""
+    return rank() == 0
+
+
+def device() -> torch.device | None:
+    """This rank's device in a multi-device job (its own GPU under NCCL, else the CPU); None outside one."""
+    if not dist.is_initialized():
+        return None
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def training_done() -> None:
+    """A recipe's data-parallel training is over: ranks > 0 leave here (raising FollowerDone) and rank 0 goes on
+    alone. Nothing in a 1-device job."""
+    global _training_over
+    if world() == 1:
+        return
+    if not is_main():
+        raise FollowerDone()
+    _training_over = True
+
+
+def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over the training loop's ranks (itself in a 1-device job): per-rank running sums → the job's."""
+    if world() == 1:
+        return tensor
+    total = tensor.clone()
+    dist.all_reduce(total)
+    return total
+
+
+# --- the training loop's two shapes ----------------------------------------------------------------------------
+def rank_slices(batches: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
+    """This rank's rows of each global index batch, index[rank::world]; the batches themselves in a 1-device job."""
+    ranks, me = world(), rank()
+    return batches if ranks == 1 else (index[me::ranks] for index in batches)
+
+
+class Replica:
+    """The model as one process trains it: the budget checked before every step, the recipe's loss as it is."""
+
+    def __init__(self, loss_of_batch: Callable[[Any], torch.Tensor]):
+        self.loss_of_batch = loss_of_batch
+
+    def steps(self, run: Any, batches: Iterable[Any], step: int,
+              rows_of: Callable[[Any], int]) -> Iterator[tuple[Any, int, int]]:
+        """(batch, rows in it here, rows in the step over all ranks) for each step; raises Stop or LeaseLost."""
+        for batch in batches:
+            run.check(step)
+            rows = rows_of(batch)
+            yield batch, rows, rows
+            step += 1
+
+    def loss(self, batch: Any, rows_here: int, rows_all: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss to back-propagate, the step's mean loss over all its rows, detached)."""
+        loss = self.loss_of_batch(batch)
+        return loss, loss.detach()
+
+    def close(self) -> None:
+        pass
+
+
+class _Trained(nn.Module):
+    """What DDP wraps: the model and the optimizer's parameters outside it, with the recipe's loss as forward, so the
+    recipe's own code (which calls its model directly) runs inside DDP and every trained parameter is reduced."""
+
+    def __init__(self, model: nn.Module, extra: list[nn.Parameter], loss_of_batch: Callable[[Any], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.extra = nn.ParameterList(extra)
+        self.loss_of_batch = loss_of_batch
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_of_batch(batch)
+
+
+class DataParallelReplica(Replica):
+    """The model as every rank of a multi-device job trains it, in step with the others."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_of_batch: Callable[[Any], torch.Tensor]):
+        super().__init__(loss_of_batch)
+        self.model, self.ranks, self.device = model, world(), device()
+        own = {id(p) for p in model.parameters()}
+        extra = list({id(p): p for group in optimizer.param_groups for p in group["params"]
+                      if id(p) not in own and p.requires_grad}.values())
+        # Buffers are synchronised once per epoch in close(), not before every forward.
+        self.ddp = nn.parallel.DistributedDataParallel(
+            _Trained(model, extra, loss_of_batch), broadcast_buffers=False,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def steps(self, run: Any, batches: Iterable[Any], step: int,
+              rows_of: Callable[[Any], int]) -> Iterator[tuple[Any, int, int]]:
+        main = is_main()
+        for batch in itertools.chain(batches, itertools.repeat(None)):
+            rows_here = 0 if batch is None else rows_of(batch)
+            agreed = torch.tensor([_decision(run, step) if main else GO, int(rows_here > 0), rows_here],
+                                  device=self.device)
+            dist.all_reduce(agreed)
+            decision, ready, rows_all = agreed.tolist()
+            if ready < self.ranks:  # some rank is out of rows: the epoch ends here for all (a stop waits, as it
+                return              # would for one process, until the next epoch's first step)
+            if decision != GO:
+                raise _stopped(decision, run, step)
+            yield batch, rows_here, rows_all
+            step += 1
+
+    def loss(self, batch: Any, rows_here: int, rows_all: int) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = self.ddp(batch)
+        step_loss = loss.detach() * rows_here
+        dist.all_reduce(step_loss)
+        # DDP averages gradients over ranks; weighting each rank's mean by its share of the rows makes the result the
+        # gradient of the mean over all the step's rows, as one process computes it.
+        return loss * (rows_here * self.ranks / rows_all), step_loss / rows_all
+
+    def close(self) -> None:
+        for buffer in self.model.buffers():
+            dist.broadcast(buffer, 0)
+        self.ddp = None
+
+
+def replica(model: nn.Module, optimizer: torch.optim.Optimizer,
+            loss_of_batch: Callable[[Any], torch.Tensor]) -> Replica:
+    return DataParallelReplica(model, optimizer, loss_of_batch) if world() > 1 else Replica(loss_of_batch)
+
+
+def _decision(run: Any, step: int) -> int:
+    try:
+        run.check(step)
+    except Stop as stop:
+        return CANCELLED if stop.reason == "cancelled" else BUDGET
+    except lifecycle.LeaseLost:
+        return LEASE_LOST
+    return GO
+
+
+def _stopped(decision: int, run: Any, step: int) -> Exception:
+    if decision == LEASE_LOST:
+        return lifecycle.LeaseLost(getattr(run, "job_id", ""))
+    return Stop("cancelled" if decision == CANCELLED else "budget", step)
+
+
+# --- the worker process ↔ ranks channel ------------------------------------------------------------------------
+class Control:
+    """A TCPStore hosted by the worker process. Keys: `stop` ("cancelled" or "lease_lost", from the heartbeat),
+    `progress` (rank 0's progress and sample count, JSON), `outcome/<rank>` (JSON), `pid/<rank>`."""
+
+    def __init__(self, store: dist.TCPStore):
+        self.store = store
+
+    @classmethod
+    def host(cls) -> "Control":
+        return cls(dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                 timeout=timedelta(seconds=30)))
+
+    @classmethod
+    def join(cls, port: int) -> "Control":
+        return cls(dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=30)))
+
+    @property
+    def port(self) -> int:
+        return self.store.port
+
+    def _read(self, key: str) -> Any:
+        return json.loads(self.store.get(key)) if self.store.check([key]) else None
+
+    def request_stop(self, reason: str) -> None:
+        self.store.set("stop", json.dumps(reason))
+
+    def stop_requested(self) -> str | None:
+        return self._read("stop")
+
+    def report(self, progress: dict[str, Any], samples: int) -> None:
+        self.store.set("progress", json.dumps({"progress": progress, "samples": samples}))
+
+    def progress(self) -> dict[str, Any] | None:
+        return self._read("progress")
+
+    def register(self, rank_: int) -> None:
+        self.store.set(f"pid/{rank_}", json.dumps(os.getpid()))
+
+    def pid(self, rank_: int) -> int | None:
+        return self._read(f"pid/{rank_}")
+
+    def post_outcome(self, rank_: int, status: str, result: dict | None, error: dict | None) -> None:
+        self.store.set(f"outcome/{rank_}", json.dumps({"status": status, "result": result, "error": error,
+                                                       "at": time.time()}))
+
+    def outcome(self, rank_: int) -> dict[str, Any] | None:
+        return self._read(f"outcome/{rank_}")
+
+
+class Relay:
+    """In the worker process while the ranks run: the heartbeat's stop flag to rank 0, rank 0's progress to the
+    heartbeat, and ranks > 0 that outstay rank 0's outcome by FOLLOWER_GRACE_SECONDS stopped (they have nothing
+    left to do, and the launch waits for every rank)."""
+
+    def __init__(self, job_run: JobRun, control: Control, ranks: int):
+        self.job_run, self.control, self.ranks = job_run, control, ranks
+        self.sent: str | None = None
+        self.main_done_at: float | None = None
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name=f"ranks-{job_run.job_id}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10)
+        self.sync()
+
+    def _loop(self) -> None:
+        while not self.stopping.wait(POLL_SECONDS):
+            try:
+                self.sync()
+                self._stop_stragglers()
+            except Exception:
+                log.exception("job %s: relaying to its ranks failed; retrying", self.job_run.job_id)
+
+    def sync(self) -> None:
+        reason = self.job_run.stop_requested()
+        if reason is not None and reason != self.sent:
+            self.control.request_stop(reason)
+            self.sent = reason
+        seen = self.control.progress()
+        if seen is not None:
+            self.job_run.adopt_progress(seen["progress"], seen["samples"])
+
+    def _stop_stragglers(self) -> None:
+        if self.main_done_at is None:
+            if self.control.outcome(0) is not None:
+                self.main_done_at = time.monotonic()
+            return
+        if time.monotonic() - self.main_done_at < FOLLOWER_GRACE_SECONDS:
+            return
+        for follower in range(1, self.ranks):
+            pid = self.control.pid(follower)
+            if pid is not None and self.control.outcome(follower) is None:
+                log.warning("job %s: rank %d (pid %d) still runs %.0f s after rank 0 finished; stopping it",
+                            self.job_run.job_id, follower, pid, FOLLOWER_GRACE_SECONDS)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.main_done_at = float("inf")  # once
+
+
+# --- the ranks' JobRuns ----------------------------------------------------------------------------------------
+class RankRun(JobRun):
+    """Rank 0's JobRun: the attempt's token fences its writes as in a 1-device job. It never heartbeats (the worker
+    process does); it reads the heartbeat's stop flag from the control store and reports its progress there. Budget
+    time counts from the worker's claim (`attempt["started"]`, a machine-wide monotonic clock)."""
+
+    def __init__(self, settings: Settings, job: Job, token: str, control: Control, attempt: dict[str, Any]):
+        super().__init__(settings, job, token)
+        self.control = control
+        self.worker, self.attempt = attempt["worker"], attempt["attempt"]
+        self.used_before, self._started = attempt["used_before"], attempt["started"]
+        self.workdir = Path(attempt["workdir"]) / f"rank-{rank()}"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._polled = 0.0
+
+    def check(self, step: int | None = None) -> None:
+        if time.monotonic() - self._polled >= POLL_SECONDS:
+            self._polled = time.monotonic()
+            reason = self.control.stop_requested()
+            if reason == "cancelled":
+                self._cancelled.set()
+            elif reason == "lease_lost":
+                self._lease_lost.set()
+            self.report()
+        super().check(step)
+
+    def progress(self, step: int, total_steps: int | None, **extra: Any) -> None:
+        super().progress(step, total_steps, **extra)
+        self.report()
+
+    def report(self) -> None:
+        self.control.report(self._progress, self._samples)
+
+
+class FollowerRun(RankRun):
+    """A rank > 0's JobRun: reads what rank 0 reads (the dataset, the model, the checkpoint), writes nothing."""
+
+    def check(self, step: int | None = None) -> None:
+        """Outside the data-parallel loop (which takes rank 0's decision): only notices that rank 0 has finished."""
+        if time.monotonic() - self._polled >= POLL_SECONDS:
+            self._polled = time.monotonic()
+            if self.control.outcome(0) is not None:
+                raise FollowerDone()
+
+    def event(self, type_: str, message: str, level: str = "info", **data: Any) -> None:
+        pass
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def progress(self, step: int, total_steps: int | None, **extra: Any) -> None:
+        pass
+
+    def report(self) -> None:
+        pass
+
+    def count_samples(self, n: int) -> None:
+        pass
+
+    def checkpoint_due(self) -> bool:
+        return False
+
+    def save_checkpoint(self, tensor_bytes: bytes, meta: dict[str, Any]) -> None:
+        pass
+
+    def drop_checkpoints(self) -> None:
+        pass
+
+    def add_artifact(self, path: Path, name: str | None = None) -> None:
+        return None
+
+
+def announce(run: JobRun) -> None:
+    """Rank 0 records which processes train this attempt: the `distributed.started` event (users read it; the tests
+    find a rank's pid in it). Every rank calls it (it gathers); nothing in a 1-device job."""
+    if world() == 1:
+        return
+    ranks: list[Any] = [None] * world()
+    dist.all_gather_object(ranks, {"rank": rank(), "pid": os.getpid(), "host": socket.gethostname(),
+                                   "device": str(device())})
+    run.event("distributed.started", f"Training on {world()} ranks with DistributedDataParallel "
+              f"({dist.get_backend()}, {ranks[0]['device']}); rank 0 writes.", world_size=world(),
+              backend=dist.get_backend(), ranks=ranks)
+
+
+# --- launching -------------------------------------------------------------------------------------------------
+def available_devices(gpu: bool) -> int:
+    return torch.cuda.device_count() if gpu else len(os.sched_getaffinity(0))
+
+
+def require_devices(resources: Resources) -> None:
+    """Fail a job this worker cannot give its devices: JobFailure devices_unavailable / nodes_unsupported."""
+    if resources.nodes > 1:
+        raise JobFailure("nodes_unsupported", f"resources.nodes is {resources.nodes}, but a job runs on one machine "
+                         "here; use resources.nodes 1 (with up to this pool's devices).", "infra_error")
+    gpu = resources.accelerator == "gpu"
+    have = available_devices(gpu)
+    if resources.devices > have:
+        what = "GPUs" if gpu else "CPU cores"
+        raise JobFailure("devices_unavailable", f"resources.devices is {resources.devices}, but this worker has "
+                         f"{have} {what}; ask for at most {have} or send the job to a larger pool.", "infra_error")
+
+
+def launch(run: JobRun) -> tuple[str, dict | None, dict | None]:
+    """Run the attempt on `run.spec.resources.devices` ranks and return (status, result, error) as rank 0 finished
+    it. Raises LeaseLost, RanksLost (a rank died) or Abandoned (rank 0 lost the ledger)."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from workers.methods import get_recipe
+
+    resources = run.spec.resources
+    try:
+        require_devices(resources)
+        recipe = get_recipe(run.spec.method, run.spec.algorithm or "")
+        if recipe is not None and not getattr(recipe, "data_parallel", False):
+            raise JobFailure("devices_unsupported", f"{run.spec.method}/{run.spec.algorithm} trains in one process; "
+                             "submit it with resources.devices 1.")
+    except JobFailure as failure:
+        return "failed", None, failure.as_dict()
+    gpu = resources.accelerator == "gpu"
+    control = Control.host()
+    relay = Relay(run, control, resources.devices)
+    attempt = {"worker": run.worker, "attempt": run.attempt, "pid": os.getpid(), "used_before": run.used_before,
+               "started": time.monotonic() - (run.used_seconds() - run.used_before), "workdir": str(run.workdir)}
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=resources.devices, role="rank",
+                          run_id=f"{run.job_id}-{run.attempt}", rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0",
+                          local_addr="127.0.0.1", max_restarts=0, monitor_interval=POLL_SECONDS,
+                          start_method="spawn", shutdown_timeout=SHUTDOWN_SECONDS,
+                          logs_specs=DefaultLogsSpecs(log_dir=str(run.workdir / "elastic")))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    failures: dict[int, Any] = {}
+    interrupted: signal.Signals | None = None
+    relay.start()
+    try:
+        elastic_launch(config, rank_main)(run.job_id, run.token, control.port, attempt, gpu)
+    except ChildFailedError as failed:
+        failures = failed.failures
+    except SignalException as stop:  # the worker was told to stop: elastic has stopped the ranks
+        interrupted = stop.sigval
+    finally:
+        # Elastic installs handlers that raise in the main thread; the Celery worker's own come back.
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        relay.stop()
+    if interrupted is not None:
+        signal.raise_signal(interrupted)  # now for the worker's own handler (Celery: warm shutdown)
+        raise RanksLost(f"The worker got {interrupted.name} and stopped this attempt's ranks; the job is requeued "
+                        "and resumes from its last checkpoint.", [])
+    return _outcome(run, control, resources.devices, failures)
+
+
+def _outcome(run: JobRun, control: Control, ranks: int, failures: dict[int, Any]) -> tuple[str, dict | None,
+                                                                                              dict | None]:
+    outcomes = {r: control.outcome(r) for r in range(ranks)}
+    main = outcomes[0]
+    died = [{"rank": r, "pid": f.pid, "signal": f.signal_name()} for r, f in sorted(failures.items())
+            if f.exitcode < 0]
+    internal = main is not None and main["status"] == "failed" and (main["error"] or {}).get("code") == "internal_error"
+    if died and (main is None or internal):
+        # A dead rank also breaks the others' collectives (rank 0's internal error is then only the echo of it).
+        first = died[0]
+        raise RanksLost(f"Rank {first['rank']} of {ranks} (pid {first['pid']}) died ({first['signal']}); this attempt "
+                        "is abandoned and the job is requeued to resume from its last checkpoint.", died)
+    if main is None:
+        rank_, failure = min(failures.items()) if failures else (0, None)
+        why = f"exited with code {failure.exitcode}: {failure.message}" if failure is not None else "posted no outcome"
+        return "failed", None, JobFailure("rank_failed", f"Rank {rank_} of {ranks} {why}. It has been logged.",
+                                          "infra_error").as_dict()
+    if main["status"] == "lease_lost":
+        raise lifecycle.LeaseLost(run.job_id)
+    if main["status"] == "ledger_lost":
+        raise Abandoned("ledger_lost", "Rank 0 could not reach the ledger.")
+    if internal:
+        # A rank > 0 that failed first is the cause; rank 0's error is then its peer going away.
+        earlier = [o for r, o in outcomes.items() if r > 0 and o is not None and o["status"] == "failed"
+                   and o["at"] < main["at"]]
+        if earlier:
+            return "failed", None, min(earlier, key=lambda o: o["at"])["error"]
+    return main["status"], main["result"], main["error"]
+
+
+def _exit_with(parent_pid: int) -> None:
+    """A rank whose worker process died (SIGKILL, OOM) must not train on: its lease is gone and another attempt may
+    start. Poll the parent pid from a daemon thread and exit at once when it changes."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def rank_main(job_id: str, token: str, port: int, attempt: dict[str, Any], gpu: bool) -> None:
+    """One rank of a multi-device attempt, spawned by elastic_launch (which sets RANK, LOCAL_RANK, WORLD_SIZE,
+    MASTER_ADDR and MASTER_PORT). Posts its (status, result, error) to the control store."""
+    from core.settings import get_settings
+    from db.repositories.jobs import get_job
+    from db.session import transaction
+    from workers.tasks import LEDGER_ERRORS, run_recipe
+
+    me, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s: %(levelname)s/rank-{me}] %(message)s")
+    _exit_with(attempt["pid"])
+    torch.set_num_threads(1)
+    settings = get_settings()
+    if gpu:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(seconds=settings.distributed_timeout_seconds))
+    control = Control.join(port)
+    control.register(me)
+    with transaction(settings.database_url, readonly=True) as session:
+        job = get_job(session, job_id)
+    run = (RankRun if me == 0 else FollowerRun)(settings, job, token, control, attempt)
+    try:
+        outcome = run_recipe(run)
+    except lifecycle.LeaseLost:
+        outcome = ("lease_lost", None, None)
+    except LEDGER_ERRORS:
+        outcome = ("ledger_lost", None, None)
+    finally:
+        run.close()
+    run.report()
+    control.post_outcome(me, *outcome)
+    dist.destroy_process_group()
