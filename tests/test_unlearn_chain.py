@@ -198,3 +198,13 @@ def test_dmm_chain_reuses_the_first_models_attribution(platform, digits, trained
     # evaluate.oracles on a chain: the K originals replay both requests, judged on the cumulative retain set.
     assert reused["klom_estimator"]["k"] == 2 and "2 requests" in reused["klom_estimator"]["unlearned"]
     assert {row["rows"] for row in reused["klom"]} == {"forget", "retain", "test", "test_forget_class"}
+
+
+def test_an_earlier_request_whose_file_changed_is_refused(platform, digits, data_root, trained, requests):
+    path = data_root / "forget_week1.npz"
+    np.savez(path, x=digits["x"][requests[0]], y=digits["y"][requests[0]])
+    first = unlearn(platform, digits, trained, "finetune", {"uri": f"file://{path}"}, {"epochs": 1})
+    np.savez(path, x=digits["x"][requests[1]], y=digits["y"][requests[1]])  # the file now names other rows
+    job = unlearn(platform, digits, first, "finetune", {"indices": requests[2]}, {"epochs": 1}, wait=False)
+    assert job["status"] == "failed" and job["error"]["code"] == "chain_forget_changed", job["error"]
+    assert first["id"] in job["error"]["message"]
