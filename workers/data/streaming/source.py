@@ -22,7 +22,7 @@ import numpy as np
 
 from core.settings import Settings
 from workers.data.dataset import MAX_CLASSES, Dataset, make_dataset
-from workers.data.streaming.shards import Shard, ShardRows, index_shard, read_shard
+from workers.data.streaming.shards import Shard, ShardRows, bad_shard, index_shard, read_shard
 from workers.data.uris import confined_local_path
 from workers.errors import JobFailure
 
@@ -126,12 +126,15 @@ def open_sharded(uri: str, settings: Settings, *, label_column: str | None,
         raise JobFailure("dataset_invalid", f"{uri}: {MANIFEST} \"classes\" must be a list of 2 to {MAX_CLASSES} names")
     if any(s.rows is None for s in shards) or classes is None:
         indexed = [index_shard(s, fmt, label_column) for s in shards]
+        for shard, (rows, _) in zip(shards, indexed, strict=True):
+            if shard.rows is not None and shard.rows != rows:
+                raise bad_shard(shard, f"it holds {rows} rows, the manifest says {shard.rows}")
         shards = [replace(s, rows=rows) for s, (rows, _) in zip(shards, indexed, strict=True)]
         if classes is None:
             classes = [str(i) for i in range(max(top for _, top in indexed) + 1)]
-    empty = [s.name for s in shards if s.rows == 0]
+    empty = [s for s in shards if s.rows == 0]
     if empty:
-        raise JobFailure("bad_shard", f"{uri}: shard {empty[0]} holds no rows; remove it", )
+        raise bad_shard(empty[0], "it holds no rows")
     first = read_shard(shards[0], fmt, label_column=label_column, id_column=id_column,
                        num_classes=len(classes), input_shape=None, feature_names=None)
     input_shape = tuple(first.x.shape[1:])
@@ -210,7 +213,8 @@ def _listed_shards(fs, folder: str, uri: str, settings: Settings) -> list[Shard]
     names = sorted(posixpath.basename(p) for p in fs.ls(folder, detail=False)
                    if posixpath.splitext(p)[1].lower() in SHARD_SUFFIXES)
     if not names:
-        raise JobFailure("dataset_invalid", f"{uri}: the folder holds no .parquet or .tar shards and no {MANIFEST}")
+        raise JobFailure("dataset_unreadable", f"{uri}: the folder holds no .parquet or .tar shards and no {MANIFEST}, "
+                         "so it is not a sharded dataset; pack an image folder (one folder per class) as .zip or .tar")
     shards = []
     for i, name in enumerate(names):
         shard_uri = _shard_uri(uri, folder, fs, name)
