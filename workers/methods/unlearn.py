@@ -10,7 +10,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from core.spec import ModelRef
 from workers.checkpoints import pack
 from workers.errors import JobFailure
 from workers.evaluation import predict_logits
@@ -66,10 +65,10 @@ class Unlearning:
         self.model = model.to(self.device)
         # The model before any deletion of the chain: dmm's attribution is keyed to it, the matching targets start
         # from its outputs, and the certificate names it. For a first deletion it is the model given.
-        self.root_uri = self.origin.root_model_uri(run.spec.model.uri)
-        self.root = self.original
+        root_ref = self.origin.root_model(run.spec.model)
+        self.root_uri, self.root = root_ref.uri, self.original
         if self.origin.chain:
-            root, _ = resolve_model(run, ModelRef(uri=self.root_uri), d.train, default_arch(d.train.kind))
+            root, _ = resolve_model(run, root_ref, d.train, default_arch(d.train.kind))
             self.root = root.cpu().eval()
             run.event("chain.resolved", f"Deletion request {len(d.requests)} of a chain from {self.root_uri}: the "
                       f"cumulative forget set holds {d.audit['size']} rows.", jobs=[r["job_id"] for r in d.requests],

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from core.methods.train import TrainParams
-from core.spec import Forget, Validation
+from core.spec import Forget, ModelRef, Validation
 from db.models import Job
 from db.repositories.artifacts import get_artifact
 from db.session import transaction
@@ -30,7 +30,7 @@ class Link:
     seed: int
     forget: Forget
     dataset_uri: str
-    model_uri: str  # the model this request started from
+    model: dict[str, Any]  # the model reference this request started from (uri, and arch/args for bare weights)
     request_sha256: str | None
     training_set_sha256: str | None
 
@@ -49,9 +49,9 @@ class Origin:
     def recipe(self, model_info: dict[str, Any]) -> Recipe:
         return Recipe(model_info["arch"], dict(model_info.get("args") or {}), self.params)
 
-    def root_model_uri(self, own_model_uri: str) -> str:
+    def root_model(self, own_model: ModelRef) -> ModelRef:
         """The model before any deletion: what the first request of the chain started from."""
-        return self.chain[0].model_uri if self.chain else own_model_uri
+        return ModelRef.model_validate(self.chain[0].model) if self.chain else own_model
 
 
 def find_origin(run: JobRun) -> Origin:
@@ -92,7 +92,7 @@ def _link(job: Job, report: dict) -> Link:
     request_sha = requests[-1]["sha256"] if requests else (report.get("forget_set") or {}).get("sha256")
     return Link(job.id, job.algorithm, dict(spec.get("params") or {}), int(spec.get("seed", 0)),
                 Forget.model_validate(spec["forget"]), (spec.get("dataset") or {}).get("uri", ""),
-                (spec.get("model") or {}).get("uri", ""), request_sha,
+                dict(spec.get("model") or {}), request_sha,
                 (chain.get("training_set") or {}).get("sha256"))
 
 
