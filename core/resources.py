@@ -27,14 +27,6 @@ def queue_for(resource_class: str, base_queue: str) -> str:
     return base_queue if resource_class == CPU else f"{base_queue}.{resource_class}"
 
 
-def class_of_queue(queue: str, base_queue: str) -> str | None:
-    """The class a queue carries (the inverse of queue_for), or None for a queue that is not a class's."""
-    if queue == base_queue:
-        return CPU
-    name = queue.removeprefix(base_queue + ".") if queue.startswith(base_queue + ".") else ""
-    return name if CLASS_PATTERN.match(name) else None
-
-
 def parse_classes(text: str) -> list[str]:
     """REFINERY_WORKER_CLASSES: comma-separated classes, e.g. `cpu,cpu-x2` or `gpu-x4`. Raises ValueError naming a
     malformed entry, so a worker with a typo stops at start instead of waiting on a queue nothing publishes to."""

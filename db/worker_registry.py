@@ -20,14 +20,16 @@ _cache: dict[str, tuple[float, dict[str, int]]] = {}
 
 
 class Reporter:
-    """A worker's row in the registry, kept current by a daemon thread; busy()/idle() write at once, so a queued
-    job's waiting_for tells a busy pool from an idle one without waiting for the next report."""
+    """A worker's row in the registry, kept current by a daemon thread. busy()/idle() wake the thread to report at
+    once (off the task's own path: a job's start waits for no extra write), so a queued job's waiting_for tells a
+    busy pool from an idle one without waiting for the next periodic report."""
 
     def __init__(self, settings: Settings, worker_id: str, classes: list[str]):
         self.settings, self.worker_id, self.classes = settings, worker_id, classes
         self.started_at = time.time()
         self.job_id: str | None = None
         self.stopping = threading.Event()
+        self.changed = threading.Event()
 
     def report(self) -> None:
         try:
@@ -38,14 +40,18 @@ class Reporter:
 
     def busy(self, job_id: str) -> None:
         self.job_id = job_id
-        self.report()
+        self.changed.set()
 
     def idle(self) -> None:
         self.job_id = None
-        self.report()
+        self.changed.set()
 
     def run(self) -> None:
-        while not self.stopping.wait(self.settings.worker_report_seconds):
+        while True:
+            self.changed.wait(self.settings.worker_report_seconds)
+            self.changed.clear()
+            if self.stopping.is_set():
+                return
             self.report()
 
     def start(self) -> None:
@@ -55,6 +61,7 @@ class Reporter:
     def stop(self) -> None:
         """A clean shutdown removes the row at once, so its classes stop counting as served."""
         self.stopping.set()
+        self.changed.set()
         try:
             with transaction(self.settings.database_url) as session:
                 workers.leave(session, self.worker_id)

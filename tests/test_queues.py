@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from core.ids import new_id
-from core.resources import class_of_queue, class_queues, parse_classes, queue_for, resource_class, waiting_for
+from core.resources import class_queues, parse_classes, queue_for, resource_class, waiting_for
 from core.settings import Settings
 from db import lifecycle, sweeper, worker_registry
 from db.migrate import upgrade
@@ -56,7 +56,6 @@ def test_resource_classes_and_their_queues():
     assert queue_for("cpu", "refinery.jobs") == "refinery.jobs"  # existing deployments keep their queue
     assert queue_for("gpu-x4", "refinery.jobs") == "refinery.jobs.gpu-x4"
     assert class_queues("q", "cpu, cpu-x2,cpu") == ["q", "q.cpu-x2"]
-    assert [class_of_queue(q, "q") for q in ("q", "q.gpu-x4", "q.other", "other")] == ["cpu", "gpu-x4", None, None]
     for bad in ("", "gpux4", "tpu", "gpu-x1", "cpu-n1"):
         with pytest.raises(ValueError, match="worker_classes"):
             parse_classes(bad)
@@ -176,6 +175,13 @@ def test_redispatch_backs_off_by_next_dispatch_at_and_a_requeue_is_due_at_once(l
         redis_client.delete(queue, f"{queue}.gpu")
 
 
+def until(check, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while not check():
+        assert time.time() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("database", ["postgres", "sqlite"])
 def test_the_worker_registry_tells_absent_busy_and_idle_pools_apart(database, ledger, tmp_path, monkeypatch):
     if database == "sqlite":
@@ -186,19 +192,20 @@ def test_the_worker_registry_tells_absent_busy_and_idle_pools_apart(database, le
         with transaction(url) as session:
             session.query(Worker).delete()
     monkeypatch.setattr(worker_registry, "CACHE_SECONDS", 0.0)
-    settings = Settings(database_url=url, worker_seen_seconds=30)
+    # Reports only when woken (a minute between periodic ones): what busy() and idle() do.
+    settings = Settings(database_url=url, worker_seen_seconds=30, worker_report_seconds=60)
     gpu = worker_registry.Reporter(settings, "host-a:1", ["gpu", "gpu-x4"])
-    gpu.report()
+    gpu.start()  # reports once at start, then from its thread
     old = worker_registry.Reporter(settings, "host-b:2", ["cpu"])
     with transaction(url) as session:  # a cpu worker last seen a minute ago is gone
         workers.report(session, old.worker_id, old.classes, time.time() - 120, time.time() - 60, None)
     assert worker_registry.idle_by_class(url, 30) == {"gpu": 1, "gpu-x4": 1}
     gpu.busy("job_1")
-    assert worker_registry.idle_by_class(url, 30) == {"gpu": 0, "gpu-x4": 0}
+    until(lambda: worker_registry.idle_by_class(url, 30) == {"gpu": 0, "gpu-x4": 0})
     assert waiting_for("gpu-x4", worker_registry.idle_by_class(url, 30), 30)["reason"] == "worker_busy"
     assert waiting_for("cpu", worker_registry.idle_by_class(url, 30), 30)["reason"] == "no_worker_for_class"
     gpu.idle()
-    assert waiting_for("gpu", worker_registry.idle_by_class(url, 30), 30) is None  # an idle worker is taking it
+    until(lambda: waiting_for("gpu", worker_registry.idle_by_class(url, 30), 30) is None)  # an idle one takes it
     gpu.stop()  # a clean shutdown leaves at once
     assert worker_registry.idle_by_class(url, 30) == {}
     with transaction(url) as session:

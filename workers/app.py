@@ -1,12 +1,12 @@
 """Celery worker entry point: `celery -A workers.app worker --pool=solo`. Registers the run_job task by name; consumes
-the queues of the resource classes in REFINERY_WORKER_CLASSES (core/resources.py) unless `-Q` names others; reports
-itself to the ledger's worker registry (db/worker_registry.py); and on Redis starts the stalled-consumer watchdog
-(workers/watchdog.py) over those queues."""
+the queues of the resource classes in REFINERY_WORKER_CLASSES (core/resources.py); reports itself to the ledger's
+worker registry (db/worker_registry.py); and on Redis starts the stalled-consumer watchdog (workers/watchdog.py) over
+those queues."""
 from celery.signals import task_postrun, task_prerun, worker_ready, worker_shutdown
 from kombu import Exchange, Queue
 
 from core.broker import RUN_JOB, celery_app
-from core.resources import class_of_queue, class_queues, parse_classes
+from core.resources import class_queues, parse_classes
 from core.settings import get_settings
 from db.worker_registry import Reporter
 from workers.runtime import worker_name
@@ -28,17 +28,16 @@ def run_job(job_id: str) -> str:
 
 
 @worker_ready.connect
-def _start(sender=None, **_) -> None:
+def _start(**_) -> None:
     global watchdog, reporter
     settings = get_settings()
-    # What this worker really consumes (`-Q` may have narrowed or replaced REFINERY_WORKER_CLASSES' queues) is what
-    # it reports serving.
-    consumed = [queue.name for queue in sender.app.amqp.queues.consume_from.values()] if sender else []
-    classes = [name for name in (class_of_queue(queue, settings.queue) for queue in consumed) if name]
-    reporter = Reporter(settings, worker_name(), classes or parse_classes(settings.worker_classes))
+    # REFINERY_WORKER_CLASSES is what this worker serves: it reports those classes, and the watchdog watches their
+    # queues (a `-Q`, as `refinery serve` passes, names the same queues).
+    reporter = Reporter(settings, worker_name(), parse_classes(settings.worker_classes))
     reporter.start()
     if settings.broker_url.startswith(("redis://", "rediss://")) and settings.worker_stall_seconds > 0:
-        depths = [redis_queue_depth(settings.broker_url, name) for name in consumed or [settings.queue]]
+        depths = [redis_queue_depth(settings.broker_url, name)
+                  for name in class_queues(settings.queue, settings.worker_classes)]
         watchdog = Watchdog(lambda: sum(depth() for depth in depths), settings.worker_stall_seconds)
         watchdog.start()
 
