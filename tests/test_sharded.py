@@ -188,7 +188,8 @@ def capped(redis_client, tmp_path_factory):
                    REFINERY_LEASE_SECONDS="3", REFINERY_HEARTBEAT_SECONDS="0.5", REFINERY_CHECKPOINT_SECONDS="1",
                    REFINERY_REDISPATCH_SECONDS="2", REFINERY_SWEEP_SECONDS="0.5",
                    REFINERY_RATE_LIMIT_PER_MINUTE="100000", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                   REFINERY_MAX_INMEMORY_BYTES=str(CAP), REFINERY_STREAM_ROW_LOG=str(home / "rows"))
+                   REFINERY_MAX_INMEMORY_BYTES=str(CAP), REFINERY_STREAM_ROW_LOG=str(home / "rows"),
+                   REFINERY_WORKER_CLASSES="cpu,cpu-x2")
         p = Platform(env, home)
         p.start_api()
         p.start_worker()
@@ -200,8 +201,8 @@ def capped(redis_client, tmp_path_factory):
             redis_client.delete(f"{QUEUE}.sharded")
 
 
-def _row_log(platform: Platform, job_id: str, attempt: int) -> list[tuple[int, int, list[str]]]:
-    path = platform.home / "rows" / f"{job_id}-attempt-{attempt}.log"
+def _row_log(platform: Platform, job_id: str, attempt: int, rank: int = 0) -> list[tuple[int, int, list[str]]]:
+    path = platform.home / "rows" / f"{job_id}-attempt-{attempt}{f'-rank-{rank}' if rank else ''}.log"
     return [(int(e), int(s), ids) for e, s, *ids in (line.split() for line in path.read_text().splitlines())]
 
 
@@ -247,6 +248,25 @@ def test_a_parquet_dataset_five_times_the_cap_streams_through_a_kill_with_every_
         seen = Counter(i for e, _, ids in trained if e == epoch for i in ids)
         assert seen == expected, f"epoch {epoch}: {sum(seen.values())} rows, {len(set(seen))} distinct"
     assert sum(expected.values()) == report["dataset"]["train_rows"] and len(held_out) == 1
+    assert done["result"]["metrics"]["accuracy"] > 0.8
+
+
+def test_two_ranks_stream_disjoint_rows_that_cover_the_training_set(capped):
+    """resources.devices 2: each gloo rank streams its own contiguous slice of the epoch (README: Sharded datasets)."""
+    job = capped.submit({"method": "train", "dataset": {"uri": f"file://{capped.data}/digits_pq/"},
+                         "model": {"arch": "mlp"}, "params": {"epochs": 2, "batch_size": 32},
+                         "budget": {"max_seconds": 300}, "seed": 5, "resources": {"devices": 2}})
+    done = capped.wait(job["id"], timeout=240)
+    assert done["status"] == "succeeded", (done, capped.worker_log()[-3000:])
+    report = capped.http.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
+    rows = report["dataset"]["train_rows"]
+    ranks = [_row_log(capped, job["id"], 1), _row_log(capped, f"{job['id']}", 1, rank=1)]
+    assert [step for _, step, _ in ranks[0]] == [step for _, step, _ in ranks[1]]  # in step
+    for epoch in range(2):
+        seen = [Counter(i for e, _, ids in lines if e == epoch for i in ids) for lines in ranks]
+        assert sum(seen[0].values()) == sum(seen[1].values()) == rows // 2
+        assert not set(seen[0]) & set(seen[1]) and max((seen[0] + seen[1]).values()) == 1
+    assert report["training"]["steps"] == 2 * -(-(rows // 2) // 16)
     assert done["result"]["metrics"]["accuracy"] > 0.8
 
 

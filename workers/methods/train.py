@@ -62,6 +62,11 @@ class SupervisedTraining:
             self.epochs = min(self.epochs, run.spec.budget.max_epochs)
         self.batch_size = self.p.batch_size if self.p.batch_size != "auto" else auto_batch_size(self.train_rows)
         self.steps_per_epoch = math.ceil(self.train_rows / self.batch_size)
+        if self.streamed:
+            # Each rank streams its own slice (workers.data.streaming.stream) in batches of its share of the global
+            # batch; every rank takes the same number of steps.
+            self.rank_batch_size = max(1, self.batch_size // distributed.world())
+            self.steps_per_epoch = math.ceil(self.train_rows // distributed.world() / self.rank_batch_size)
         self.epoch, self.step = 0, 0
         self.stream_state: StreamState | None = None  # how far the current streamed epoch got
         self.best_accuracy, self.best_loss, self.best_epoch, self.best_state = -1.0, math.inf, -1, None
@@ -175,10 +180,12 @@ class SupervisedTraining:
     def _streamed_batches(self, run: JobRun) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This epoch's (x, y) batches from the shards, continuing where a checkpoint of this epoch left off. Between
         steps (after one batch's update, before the next batch) it records the batch and checkpoints when due, so a
-        long epoch is resumable mid-way and a resumed attempt trains on each remaining row exactly once."""
-        stream = ShardStream(self.streamed.source, seed=run.spec.seed, epoch=self.epoch, rank=0, world=1,
-                             batch_size=self.batch_size, window_rows=run.settings.stream_shuffle_rows,
-                             state=self.stream_state)
+        long epoch is resumable mid-way and a resumed attempt trains on each remaining row exactly once. In a
+        multi-device job every rank streams its own rows; all ranks are at the same step and window position, so
+        rank 0's checkpoint holds every rank's stream state."""
+        stream = ShardStream(self.streamed.source, seed=run.spec.seed, epoch=self.epoch, rank=distributed.rank(),
+                             world=distributed.world(), batch_size=self.rank_batch_size,
+                             window_rows=run.settings.stream_shuffle_rows, state=self.stream_state)
         self.stream_state = stream.state
         # Dropout and augmentation draw from torch's RNG: reseeded per epoch, as the in-memory path's epoch_batches.
         torch.manual_seed(run.spec.seed * 100003 + self.epoch)
@@ -207,4 +214,5 @@ class SupervisedTraining:
             return None
         folder = Path(run.settings.stream_row_log)
         folder.mkdir(parents=True, exist_ok=True)
-        return open(folder / f"{run.job_id}-attempt-{run.attempt}.log", "a")
+        rank = f"-rank-{distributed.rank()}" if distributed.rank() else ""
+        return open(folder / f"{run.job_id}-attempt-{run.attempt}{rank}.log", "a")

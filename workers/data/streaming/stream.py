@@ -13,6 +13,7 @@ One epoch of rank r of `world` ranks:
 
 The resume state is, per epoch, the windows whose batches have all been trained on and how many leading batches of
 the others have been: a resumed attempt skips exactly those, whatever order the workers delivered them in."""
+import multiprocessing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -183,8 +184,12 @@ class ShardStream(IterableDataset):
 def stream_epoch(stream: ShardStream, workers: int) -> Iterator[Batch]:
     """The epoch's remaining batches through a DataLoader with `workers` processes (0: read in this process). The
     caller records each batch in `stream.state` once it has trained on it."""
+    # Forked, not spawned, even inside a spawned DDP rank: a spawned reader re-imports torch each epoch (seconds),
+    # and readers only decode numpy arrays, never touching CUDA or the process group they inherit.
+    context = multiprocessing.get_context("fork") if workers and "fork" in multiprocessing.get_all_start_methods() \
+        else None
     loader = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None,
-                        persistent_workers=False)
+                        persistent_workers=False, multiprocessing_context=context)
     for item in loader:
         if isinstance(item, StreamError):
             raise JobFailure(item.code, item.message)
