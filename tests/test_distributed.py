@@ -97,8 +97,25 @@ def test_kd_student_trains_on_two_ranks(platform, one_and_two, data_root):
     assert onnx_accuracy(artifact(platform, job["id"], "model.onnx"), test["x"], test["y"]) > 0.8
 
 
+def test_prune_and_unlearn_fine_tune_on_two_ranks(platform, one_and_two, data_root):
+    """The pruning and unlearning fine-tunes go through the same data-parallel loop."""
+    original = f"job://{one_and_two[0]['id']}"
+    prune = platform.submit({"method": "prune", "algorithm": "magnitude", "model": {"uri": original},
+                             "dataset": DIGITS, "resources": TWO_RANKS, "budget": {"max_seconds": 300}, "seed": 0,
+                             "params": {"target_sparsity": 0.5, "steps": 2, "epochs_per_step": 1, "final_epochs": 1}})
+    unlearn = platform.submit({"method": "unlearn", "algorithm": "finetune", "model": {"uri": original},
+                               "dataset": DIGITS, "forget": {"class": 3}, "params": {"epochs": 2},
+                               "resources": TWO_RANKS, "budget": {"max_seconds": 300}, "seed": 0})
+    prune, unlearn = succeeded(platform, prune["id"]), succeeded(platform, unlearn["id"])
+    for job in (prune, unlearn):
+        assert of_type(platform.events(job["id"]), "distributed.started")[0]["data"]["world_size"] == 2
+    assert abs(prune["result"]["metrics"]["sparsity"] - 0.5) < 0.01
+    assert prune["result"]["metrics"]["accuracy"] > 0.85
+    assert unlearn["result"]["metrics"]["retain_accuracy"] > 0.85
+
+
 def test_a_killed_rank_requeues_the_attempt_and_the_next_resumes(platform):
-    job = platform.submit(train_spec(TWO_RANKS, epochs=40))
+    job = platform.submit(train_spec(TWO_RANKS, epochs=20))
     deadline, ranks = time.time() + 120, None
     while time.time() < deadline:  # rank 1's pid, once a checkpoint exists to resume from
         events = platform.events(job["id"])

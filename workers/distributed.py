@@ -2,9 +2,10 @@
 gloo on CPU, NCCL on GPU (one GPU per rank). The decisions, also in the README:
 
 - Launch. The worker process keeps the claim, the heartbeat and the lease. It starts the ranks with torch's elastic
-  launcher (`elastic_launch`, what `torchrun --standalone` runs: a c10d rendezvous on 127.0.0.1, spawned processes,
-  no restarts) and waits for them. Every rank runs the job's recipe (setup, checkpoint resume, run) as the one process
-  of a 1-device job would, with torch threads set to 1.
+  launcher (`elastic_launch`, what `torchrun --standalone` runs: a c10d rendezvous on 127.0.0.1, no restarts) and
+  waits for them. Ranks fork from a forkserver that imported torch and the recipes once per worker process (a freshly
+  spawned rank spends seconds importing them). Every rank runs the job's recipe (setup, checkpoint resume, run) as
+  the one process of a 1-device job would, with torch threads set to 1.
 - Writes. Rank 0 holds a RankRun: the attempt's own lease token fences its events, metrics, checkpoints and artifacts,
   as in a 1-device job, and it has no heartbeat of its own. Ranks > 0 hold a FollowerRun that writes nothing.
 - Control. A TCPStore the worker process hosts carries the heartbeat's cancel / lease-lost flag to rank 0, rank 0's
@@ -185,9 +186,9 @@ class DataParallelReplica(Replica):
         own = {id(p) for p in model.parameters()}
         extra = list({id(p): p for group in optimizer.param_groups for p in group["params"]
                       if id(p) not in own and p.requires_grad}.values())
-        # Buffers are synchronised once per epoch in close(), not before every forward.
+        # Buffers are rank 0's at the start (DDP's init sync) and again after the epoch (close()), not every forward.
         self.ddp = nn.parallel.DistributedDataParallel(
-            _Trained(model, extra, loss_of_batch), broadcast_buffers=False,
+            _Trained(model, extra, loss_of_batch), forward_sync_buffers=False,
             device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def steps(self, run: Any, batches: Iterable[Any], step: int,
@@ -477,9 +478,10 @@ def launch(run: JobRun) -> tuple[str, dict | None, dict | None]:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=resources.devices, role="rank",
                           run_id=f"{run.job_id}-{run.attempt}", rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0",
                           local_addr="127.0.0.1", max_restarts=0, monitor_interval=POLL_SECONDS,
-                          start_method="spawn", shutdown_timeout=SHUTDOWN_SECONDS,
+                          start_method="forkserver", shutdown_timeout=SHUTDOWN_SECONDS,
                           logs_specs=DefaultLogsSpecs(log_dir=str(run.workdir / "elastic")))
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    _preload_ranks()
     handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
     failures: dict[int, Any] = {}
     interrupted: signal.Signals | None = None
@@ -532,18 +534,35 @@ def _outcome(run: JobRun, control: Control, ranks: int, failures: dict[int, Any]
     return main["status"], main["result"], main["error"]
 
 
-def _exit_with(parent_pid: int) -> None:
+def _preload_ranks() -> None:
+    """What the forkserver imports before it forks ranks: the task code, every recipe module that imported here (so
+    the ranks' registry is this worker's) and torch._dynamo (a first optimizer imports it: a second per rank). Takes
+    effect when the server starts, at this worker's first launch."""
+    import multiprocessing
+    import pkgutil
+
+    import workers.methods
+
+    multiprocessing.set_forkserver_preload(["workers.tasks", "torch._dynamo"] + [
+        f"workers.methods.{module.name}" for module in pkgutil.iter_modules(workers.methods.__path__)
+        if module.name not in workers.methods.BROKEN])
+
+
+def _exit_with(worker_pid: int) -> None:
     """A rank whose worker process died (SIGKILL, OOM) must not train on: its lease is gone and another attempt may
-    start. Poll the parent pid from a daemon thread and exit at once when it changes."""
+    start. Watch the worker's pid from a daemon thread (a rank's parent is the forkserver) and exit when it is gone."""
     def watch() -> None:
-        while os.getppid() == parent_pid:
+        while True:
             time.sleep(0.5)
-        os._exit(1)
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+            try:
+                os.kill(worker_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+    threading.Thread(target=watch, name="worker-watch", daemon=True).start()
 
 
 def rank_main(job_id: str, token: str, port: int, attempt: dict[str, Any], gpu: bool) -> None:
-    """One rank of a multi-device attempt, spawned by elastic_launch (which sets RANK, LOCAL_RANK, WORLD_SIZE,
+    """One rank of a multi-device attempt, started by elastic_launch (which sets RANK, LOCAL_RANK, WORLD_SIZE,
     MASTER_ADDR and MASTER_PORT). Posts its (status, result, error) to the control store."""
     from core.settings import get_settings
     from db.repositories.jobs import get_job

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from workers import distributed
 from workers.checkpoints import pack
 from workers.errors import JobFailure
 from workers.evaluation import predict_logits
@@ -49,6 +50,12 @@ class Unlearning:
 
     def __init__(self, algorithm: str):
         self.algorithm = algorithm
+
+    @property
+    def data_parallel(self) -> bool:
+        """Trains through train_one_epoch and ends training with distributed.training_done(); dmm and
+        oracle_matching first prepare targets in helper processes, which every rank would repeat."""
+        return self.algorithm not in MATCHING
 
     # --- protocol ----------------------------------------------------------------------------------------------
     def setup(self, run: JobRun) -> None:
@@ -112,6 +119,7 @@ class Unlearning:
         stopped_by = self._unlearn(run)
         self.model = self.loop.result().cpu().eval()
         cost = self._cost(run, self.seconds)
+        distributed.training_done()  # the scores, KLoM's oracles and the report are rank 0's
         scores = {"original": self._scores(self.original), "unlearned": self._scores(self.model)}
         if self.origin.chain:
             scores["first"] = self._scores(self.root)
