@@ -132,6 +132,27 @@ def test_stream_is_a_seeded_permutation_and_resumes_without_revisiting_or_skippi
     assert make(epoch=1, state=state).state.partial == {}  # a state of another epoch starts that epoch afresh
 
 
+def test_the_switch_a_small_sharded_set_loads_whole_and_files_above_the_cap_are_refused(tmp_path):
+    from workers.data import load_dataset
+
+    x, y = _digits()
+    write_parquet_shards(tmp_path / "small", x[:300], y[:300], shards=3)
+    np.savez(tmp_path / "big.npz", x=x, y=y)
+
+    def load(uri: str, cap: int):
+        settings = Settings(home=tmp_path / "home", data_roots=str(tmp_path), max_inmemory_bytes=cap)
+        return load_dataset(uri, label_column=None, dest_dir=tmp_path / "in", settings=settings,
+                            lookup=lambda u: u, copy=lambda key, path: None)
+
+    data = load(f"file://{tmp_path}/small/manifest.json", cap=300 * ROW_BYTES)  # fits: the in-memory Dataset
+    assert data.x.shape == (300, 64) and data.feature_names == [f"f{j}" for j in range(64)]
+    assert sorted(data.y.tolist()) == sorted(y[:300].tolist())
+    for uri in (f"file://{tmp_path}/small/", f"file://{tmp_path}/big.npz"):  # one byte short / a file above it
+        with pytest.raises(JobFailure) as failure:
+            load(uri, cap=300 * ROW_BYTES - 1 if "small" in uri else 100_000)
+        assert failure.value.code == "dataset_too_large" and "REFINERY_MAX_INMEMORY_BYTES" in failure.value.message
+
+
 def test_bad_shards_fail_with_a_code_naming_the_shard(tmp_path):
     x, y = _digits()
     settings = _settings(tmp_path)
