@@ -73,8 +73,9 @@ def cut_windows(pieces: list[Piece], window_rows: int) -> list[list[Piece]]:
 @dataclass
 class StreamState:
     """Which batches of `epoch` have been trained on: every batch of windows below `complete_below`, and the first
-    `partial[w]` batches of window w. JSON-able, kept in the checkpoint's meta."""
+    `partial[w]` batches of window w, windows being `window_rows` long. JSON-able, kept in the checkpoint's meta."""
     epoch: int
+    window_rows: int
     complete_below: int = 0
     partial: dict[int, int] = field(default_factory=dict)
 
@@ -90,12 +91,13 @@ class StreamState:
             self.complete_below += 1
 
     def as_json(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "complete_below": self.complete_below,
+        return {"epoch": self.epoch, "window_rows": self.window_rows, "complete_below": self.complete_below,
                 "partial": {str(w): n for w, n in sorted(self.partial.items())}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "StreamState":
-        return cls(epoch=int(data["epoch"]), complete_below=int(data["complete_below"]),
+        return cls(epoch=int(data["epoch"]), window_rows=int(data["window_rows"]),
+                   complete_below=int(data["complete_below"]),
                    partial={int(w): int(n) for w, n in data.get("partial", {}).items()})
 
 
@@ -123,11 +125,14 @@ class ShardStream(IterableDataset):
                  window_rows: int, state: StreamState | None = None):
         super().__init__()
         self.source, self.seed, self.epoch, self.rank, self.batch_size = source, seed, epoch, rank, batch_size
-        # A whole number of batches per window: only the epoch's last batch may be short.
-        self.window_rows = max(1, -(-window_rows // batch_size)) * batch_size
+        if state is not None and state.epoch == epoch:
+            window_rows = state.window_rows  # resuming: the windows the state counts in, whatever the setting is now
+        else:
+            # A whole number of batches per window: only the epoch's last batch may be short.
+            state = StreamState(epoch, max(1, -(-window_rows // batch_size)) * batch_size)
+        self.state, self.window_rows = state, state.window_rows
         rows = [shard.rows for shard in source.shards]
         self.windows = cut_windows(epoch_pieces(rows, seed=seed, epoch=epoch, rank=rank, world=world), self.window_rows)
-        self.state = state if state is not None and state.epoch == epoch else StreamState(epoch)
 
     def batches_in(self, window: int) -> int:
         if window >= len(self.windows):
