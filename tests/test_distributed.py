@@ -58,7 +58,7 @@ def test_two_rank_train_job_matches_one_process(platform, one_and_two, data_root
     weights = [load_tensors(artifact(platform, job["id"], "model.safetensors")) for job in (one, two)]
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
-        np.testing.assert_allclose(weights[1][name], weights[0][name], atol=2e-4, rtol=0, err_msg=name)
+        np.testing.assert_allclose(weights[1][name], weights[0][name], atol=1e-5, rtol=0, err_msg=name)
     # The same curves epoch by epoch (the loss is the mean over both ranks' rows), the same validation accuracy.
     curves = [job["result"]["metrics"] for job in (one, two)]
     assert abs(curves[0]["accuracy"] - curves[1]["accuracy"]) <= 0.01, curves
@@ -66,7 +66,7 @@ def test_two_rank_train_job_matches_one_process(platform, one_and_two, data_root
               for job in (one, two)]
     losses = [[point["value"] for point in s["data"][0]["points"]] for s in series]
     assert len(losses[0]) == len(losses[1]) == PARAMS["epochs"]
-    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
     # The deployable model a user downloads answers like the 1-process one on rows neither job saw.
     test = np.load(data_root / "digits_test.npz")
     accuracies = [onnx_accuracy(artifact(platform, job["id"], "model.onnx"), test["x"], test["y"]) for job in (one, two)]
@@ -81,8 +81,10 @@ def test_the_events_say_the_job_ran_on_two_ranks(platform, one_and_two):
     assert data["world_size"] == 2 and data["backend"] == "gloo"
     assert [r["rank"] for r in data["ranks"]] == [0, 1] and len({r["pid"] for r in data["ranks"]}) == 2
     assert not of_type(platform.events(one["id"]), "distributed.started")
-    # One attempt, progress published by the worker's heartbeat from rank 0's count.
-    assert two["attempt"] == 1 and two["progress"]["fraction"] == 1.0
+    # One attempt; the progress the worker's heartbeat published is rank 0's, counted in global steps as one
+    # process counts them.
+    assert two["attempt"] == 1
+    assert two["progress"]["step"] == two["progress"]["total_steps"] == one["progress"]["step"], two["progress"]
 
 
 def test_kd_student_trains_on_two_ranks(platform, one_and_two, data_root):
@@ -112,6 +114,21 @@ def test_prune_and_unlearn_fine_tune_on_two_ranks(platform, one_and_two, data_ro
     assert abs(prune["result"]["metrics"]["sparsity"] - 0.5) < 0.01
     assert prune["result"]["metrics"]["accuracy"] > 0.85
     assert unlearn["result"]["metrics"]["retain_accuracy"] > 0.85
+
+
+def test_cancel_reaches_every_rank(platform):
+    job = platform.submit(train_spec(TWO_RANKS, epochs=200))
+    deadline = time.time() + 120
+    while not of_type(platform.events(job["id"]), "train.epoch"):
+        assert time.time() < deadline and platform.job(job["id"])["status"] in ("queued", "running")
+        time.sleep(0.2)
+    assert platform.http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+    job = platform.wait(job["id"], timeout=60)
+    assert job["status"] == "cancelled" and job["result"]["stopped_by"] == "cancelled", job
+    ranks = of_type(platform.events(job["id"]), "distributed.started")[0]["data"]["ranks"]
+    for rank in ranks:
+        with pytest.raises(ProcessLookupError):
+            os.kill(rank["pid"], 0)
 
 
 def test_a_killed_rank_requeues_the_attempt_and_the_next_resumes(platform):

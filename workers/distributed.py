@@ -574,9 +574,12 @@ def rank_main(job_id: str, token: str, port: int, attempt: dict[str, Any], gpu: 
     _exit_with(attempt["pid"])
     torch.set_num_threads(1)
     settings = get_settings()
-    if gpu:
+    timeout = timedelta(seconds=settings.distributed_timeout_seconds)
+    if gpu:  # one GPU per rank, by local rank
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if gpu else "gloo", timeout=timedelta(seconds=settings.distributed_timeout_seconds))
+        dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
     control = Control.join(port)
     control.register(me)
     with transaction(settings.database_url, readonly=True) as session:
