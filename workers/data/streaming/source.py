@@ -13,6 +13,7 @@ manifest.json (every field but `shards` optional; paths are relative to the mani
 import json
 import math
 import posixpath
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -131,7 +132,11 @@ def open_sharded(uri: str, settings: Settings, *, label_column: str | None,
                 raise bad_shard(shard, f"it holds {rows} rows, the manifest says {shard.rows}")
         shards = [replace(s, rows=rows) for s, (rows, _) in zip(shards, indexed, strict=True)]
         if classes is None:
-            classes = [str(i) for i in range(max(top for _, top in indexed) + 1)]
+            largest = max(label for _, label in indexed)
+            if not 1 <= largest < MAX_CLASSES:
+                raise JobFailure("dataset_invalid", f"{uri}: the largest label is {largest}; a classifier needs class "
+                                 f"ids 0..K-1 with 2 <= K <= {MAX_CLASSES}")
+            classes = [str(i) for i in range(largest + 1)]
     empty = [s for s in shards if s.rows == 0]
     if empty:
         raise bad_shard(empty[0], "it holds no rows")
@@ -205,7 +210,10 @@ def _manifest_shards(entries, fs, folder: str, uri: str, settings: Settings) -> 
         shard_uri = _shard_uri(uri, folder, fs, path)
         if shard_uri.startswith("file://"):
             _confined(shard_uri, settings)  # a symlinked shard may not lead outside the data roots
-        shards.append(Shard(index=i, name=path, uri=shard_uri, rows=rows, sha256=entry.get("sha256")))
+        sha256 = entry.get("sha256") if isinstance(entry, dict) else None
+        if sha256 is not None and not (isinstance(sha256, str) and re.fullmatch(r"[0-9a-fA-F]{64}", sha256)):
+            raise JobFailure("dataset_invalid", f"{uri}: shards[{i}].sha256 must be 64 hex digits")
+        shards.append(Shard(index=i, name=path, uri=shard_uri, rows=rows, sha256=sha256))
     return shards
 
 
