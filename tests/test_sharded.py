@@ -196,11 +196,13 @@ def test_bad_shards_fail_with_a_code_naming_the_shard(tmp_path):
 def capped(redis_client, tmp_path_factory):
     """API + worker with REFINERY_MAX_INMEMORY_BYTES=CAP and the streamed-row log on, on their own database and
     queue (the session platform's sweeper and worker never see these jobs). Data: digits as 12 Parquet shards with a
-    manifest, the first 1397 digits images as 8 WebDataset tars, and a folder with one damaged Parquet shard."""
+    manifest, the first 1397 digits images as 8 WebDataset tars (the next 200 as a validation .npz), and a folder
+    with one damaged Parquet shard."""
     root = tmp_path_factory.mktemp("sharded-data")
     x, y = _digits()
     write_parquet_shards(root / "digits_pq", x, y, shards=12)
     write_tar_shards(root / "digits_wds", x[:1397], y[:1397], shards=8)
+    np.savez(root / "digits_val.npz", x=x[1397:1597].reshape(-1, 1, 8, 8), y=y[1397:1597])
     names = write_parquet_shards(root / "damaged", x, y, shards=10, manifest=False)
     (root / "damaged" / names[6]).write_bytes(b"PAR1" + os.urandom(300))
     home = tmp_path_factory.mktemp("capped-home")
@@ -295,18 +297,20 @@ def test_two_ranks_stream_disjoint_rows_that_cover_the_training_set(capped):
 
 def test_webdataset_tar_shards_train_end_to_end_and_the_model_scores_in_onnx_runtime(capped):
     x, y = _digits()
-    job = capped.submit({"method": "train", "dataset": {"uri": f"file://{capped.data}/digits_wds/"},
+    job = capped.submit({"method": "train", "dataset": {"uri": f"file://{capped.data}/digits_wds/",
+                                                        "validation": {"uri": f"file://{capped.data}/digits_val.npz"}},
                          "model": {"arch": "mlp"}, "params": {"epochs": 8, "batch_size": 32, "lr": 3e-3},
                          "budget": {"max_seconds": 300}, "seed": 1})
     done = capped.wait(job["id"], timeout=240)
     assert done["status"] == "succeeded", done
     report = capped.http.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
     assert report["dataset"]["streamed"] and report["dataset"]["format"] == "webdataset"
-    assert report["dataset"]["input_shape"] == [1, 8, 8] and report["dataset"]["train_shards"] == 7
+    assert report["dataset"]["input_shape"] == [1, 8, 8] and report["dataset"]["train_shards"] == 8
+    assert report["dataset"]["train_rows"] == 1397 and report["dataset"]["validation_rows"] == 200
     card = capped.http.get(f"/v1/jobs/{job['id']}/artifacts/model.json").json()
     assert card["input_shape"] == [1, 8, 8]
     onnx = capped.http.get(f"/v1/jobs/{job['id']}/artifacts/model.onnx").content
-    accuracy = onnx_accuracy(onnx, x[1397:].reshape(-1, 1, 8, 8), y[1397:])  # 400 digits no shard holds
+    accuracy = onnx_accuracy(onnx, x[1597:].reshape(-1, 1, 8, 8), y[1597:])  # 200 digits never seen
     assert accuracy > 0.85, accuracy
 
 
