@@ -1,6 +1,7 @@
 """Multi-device jobs over HTTP on the real platform: a `train` job on 2 gloo ranks (resources.devices 2, class cpu-x2)
-matches the same job on one process at the same global batch and seed, a kd student trains on 2 ranks, and a rank
-killed mid-run abandons its attempt, which the reaper requeues and the next attempt resumes from its checkpoint."""
+matches the same job on one process at the same global batch and seed; kd, prune and unlearn fine-tunes train on 2
+ranks; a cancel stops every rank; a rank killed mid-run abandons its attempt, which the reaper requeues and the next
+attempt resumes from its checkpoint; the ranks of a killed worker stop with it."""
 import os
 import signal
 import time
@@ -159,6 +160,35 @@ def test_a_killed_rank_requeues_the_attempt_and_the_next_resumes(platform):
         with pytest.raises(ProcessLookupError):
             os.kill(rank["pid"], 0)
     assert job["result"]["metrics"]["accuracy"] > 0.85
+
+
+def test_ranks_of_a_killed_worker_stop_and_the_job_is_requeued(platform):
+    job = platform.submit(train_spec(TWO_RANKS, epochs=200))
+    deadline = time.time() + 120
+    while not of_type(platform.events(job["id"]), "train.epoch"):
+        assert time.time() < deadline and platform.job(job["id"])["status"] in ("queued", "running")
+        time.sleep(0.2)
+    ranks = of_type(platform.events(job["id"]), "distributed.started")[0]["data"]["ranks"]
+    platform.kill_worker()  # SIGKILL: nothing of the worker's runs on
+    gone = time.time() + 10
+    while time.time() < gone and any(_alive(rank["pid"]) for rank in ranks):
+        time.sleep(0.1)
+    assert not any(_alive(rank["pid"]) for rank in ranks), "a rank outlived its worker"
+    platform.start_worker()
+    deadline = time.time() + 60  # the lease runs out, the reaper requeues, the fresh worker claims attempt 2
+    while platform.job(job["id"])["attempt"] < 2:
+        assert time.time() < deadline, platform.job(job["id"])
+        time.sleep(0.2)
+    assert platform.http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
+    assert platform.wait(job["id"], timeout=60)["status"] == "cancelled"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_more_devices_than_the_worker_has_fail_with_a_code():
