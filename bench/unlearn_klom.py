@@ -67,14 +67,28 @@ def with_targets(shared: Shared, algorithm: str, params, attribution: Fitted | N
     return replace(shared, match=match, match_shift=shift)
 
 
+def cached_attribution(base: Shared, models: int, cache: Path | None) -> tuple[Fitted, float]:
+    """fit_attribution, or the one a previous run stored at `cache` (an .npz; the fit seconds travel with it)."""
+    if cache is not None and cache.exists():
+        stored = np.load(cache)
+        fitted = Fitted(*(stored[name] for name in ("coefficients", "whitened", "q", "size", "own")),
+                        float(stored["kappa"]), float(stored["pairwise_scale"]))
+        return fitted, float(stored["seconds"])
+    fitted, seconds = fit_attribution(base, models, lambda done: None)
+    if cache is not None:
+        np.savez(cache, **{name: getattr(fitted, name) for name in ("coefficients", "whitened", "q", "size", "own",
+                                                                       "kappa", "pairwise_scale")}, seconds=seconds)
+    return fitted, seconds
+
+
 def run(k_values: list[int], scenarios: list[str], algorithms: list[str], attribution_models: int,
-        out: Path, forget_seed: int = 1) -> dict:
+        out: Path, forget_seed: int = 1, attribution_cache: Path | None = None) -> dict:
     train, test = digits()
     recipe = Recipe("mlp", {"hidden": [128]}, TrainParams())
     deadline = time.time() + 24 * 3600
     base = Shared(train, test, np.zeros(len(train), dtype=bool), recipe, deadline)
     started = time.perf_counter()
-    attribution, attribution_seconds = (fit_attribution(base, attribution_models, lambda done: None)
+    attribution, attribution_seconds = (cached_attribution(base, attribution_models, attribution_cache)
                                         if "dmm" in algorithms else (None, 0.0))
     print(f"datamodel: {attribution_models} subset models in {attribution_seconds:.1f} s (once per trained model)",
           flush=True)
@@ -130,12 +144,14 @@ def main() -> None:
     parser.add_argument("--attribution-models", type=int, default=PARAMS["dmm"]().attribution_models)
     parser.add_argument("--forget-seed", type=int, default=1, help="seed of the random forget set (1: the tests')")
     parser.add_argument("--out", default="unlearn_klom.json", help="file name under bench/results/")
+    parser.add_argument("--attribution-cache", type=Path, help="an .npz holding the fitted attribution: read when "
+                        "present (its fit seconds are reported), written otherwise; for runs that vary the rest")
     args = parser.parse_args()
     print("KLoM95 cells: unlearned (oracle-vs-oracle floor | do-nothing original); cost = unlearning seconds / "
           "retrain seconds, single thread\n" + HEADER, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     run(args.k, args.scenario, args.algorithm, args.attribution_models, RESULTS / Path(args.out).name,
-        args.forget_seed)
+        args.forget_seed, args.attribution_cache)
 
 
 if __name__ == "__main__":

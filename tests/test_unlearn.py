@@ -86,11 +86,11 @@ def dmm_job(platform, trained, digits, forget_rows):
     return unlearn(platform, trained, digits, "dmm", {"indices": forget_rows}, evaluate={"oracles": K})
 
 
-def assert_klom_targets(report):
+def assert_klom_targets(report, groups=("forget", "retain", "test")):
     """The issue's targets at K=32: KLoM95 within floor + 1.0 on the forget rows and floor + 0.5 on retain and
     test rows, every group well below doing nothing."""
     klom = {row["rows"]: row for row in report["klom"]}
-    assert report["klom_estimator"]["k"] == K and set(klom) == {"forget", "retain", "test"}
+    assert report["klom_estimator"]["k"] == K and set(klom) == set(groups)
     assert klom["forget"]["unlearned"] <= klom["forget"]["floor"] + 1.0, klom
     for name in ("retain", "test"):
         assert klom[name]["unlearned"] <= klom[name]["floor"] + 0.5, klom
@@ -181,8 +181,12 @@ def test_dmm_fits_the_attribution_once_and_evaluates_against_oracles(platform, d
 
 
 def test_dmm_reuses_the_attribution_and_forgets_a_class(platform, trained, digits, dmm_job):
-    job = unlearn(platform, trained, digits, "dmm", {"class": 3})
+    """A whole class at the oracle floor: a retrained model puts the class's rows on the classes they look like,
+    row by row, and dmm's class model predicts that; KLoM95 within the same targets as a random deletion (the
+    class's held-out test rows are a group of their own, reported, and inside `test` too)."""
+    job = unlearn(platform, trained, digits, "dmm", {"class": 3}, evaluate={"oracles": K})
     report = report_of(platform, job)
+    assert_klom_targets(report, ("forget", "retain", "test", "test_forget_class"))
     assert report["attribution"]["reused"] is True and report["attribution"]["fitted_by"] == dmm_job["id"]
     names = [a["name"] for a in platform.http.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]]
     assert not any(name.startswith("attribution-") for name in names)

@@ -22,6 +22,7 @@ from workers.data import Dataset
 from workers.evaluation import predict_logits
 from workers.models import Classifier
 from workers.training import auto_batch_size, lr_factor, make_optimizer, set_lr, train_one_epoch
+from workers.unlearning.class_head import deleted_classes, refit_deleted_class
 from workers.unlearning.fitting import Budget, Fitting, Recipe, fresh_model
 
 PARAMS: dict[str, type[Params]] = {"retrain": RetrainParams, "finetune": FinetuneParams,
@@ -201,6 +202,8 @@ class Matching(Loop):
         if rows.match_x is None or rows.match_y is None or rows.match_margins is None:
             raise ValueError("matching needs match_x, match_y and match_margins")
         self.rows = rows
+        for deleted in deleted_classes(rows.retain_y, rows.forget_y):
+            refit_deleted_class(model, rows.match_x, rows.match_y, rows.match_margins, deleted)
         self.batch_size = batch_size_for(p.batch_size, len(rows.match_x))
 
     def run_epoch(self, budget: Budget, epoch: int, step: int) -> tuple[dict[str, float], int]:

@@ -22,12 +22,12 @@ from workers.unlearning import datamodel, trak
 from workers.unlearning.ensemble import Order, Shared, train_many
 from workers.unlearning.oracles import seed_for
 
-FORMAT = "refinery-datamodel-3"
+FORMAT = "refinery-datamodel-4"
 
 
 @dataclass
 class Fitted:
-    coefficients: np.ndarray  # [N, 4, C], see datamodel.fit: deletions that remove a class
+    coefficients: np.ndarray  # [N, 3 + C], see datamodel.fit: deletions that remove a class
     whitened: np.ndarray  # [trak.MODELS, N, trak.DIM], see trak.gradient_features
     q: np.ndarray  # [N], 1 − p(correct) averaged over those models
     size: np.ndarray  # [N], see datamodel.fit_rows: deletions that keep every class
@@ -36,12 +36,13 @@ class Fitted:
     pairwise_scale: float
 
     def predicted_shift(self, labels: np.ndarray, forget: np.ndarray, num_classes: int) -> np.ndarray:
-        """What a retrain without `forget` would change in every training row's logits: [N, C]. The margin model's
+        """What a retrain without `forget` would change in every training row's logits: [N, C]. The margin models'
         change goes onto each row's own-class logit, which moves its margin by as much."""
         if datamodel.drops_a_class(~forget[None], labels)[0]:
-            return datamodel.predicted_shift(self.coefficients, labels, forget, num_classes)
-        pairwise = self.pairwise_scale * trak.removal_effect(self.whitened, self.q, forget[None])[0]
-        margin = datamodel.predicted_margin_shift(self.size, self.own, self.kappa, labels, forget, pairwise)
+            margin = datamodel.predicted_class_margin_shift(self.coefficients, labels, forget)
+        else:
+            pairwise = self.pairwise_scale * trak.removal_effect(self.whitened, self.q, forget[None])[0]
+            margin = datamodel.predicted_margin_shift(self.size, self.own, self.kappa, labels, forget, pairwise)
         shift = np.zeros((len(labels), num_classes), dtype=np.float32)
         shift[np.arange(len(labels)), labels] = margin
         return shift
@@ -102,7 +103,7 @@ def fit_attribution(shared: Shared, models: int, watch: Callable[[int], None]) -
     """Train `models` subset models in helper processes (the first trak.MODELS that keep every class also give
     gradient features) and fit both datamodels; returns (fitted, seconds)."""
     started = time.perf_counter()
-    labels, num_classes = shared.train.y, len(shared.train.classes)
+    labels = shared.train.y
     masks = datamodel.subset_masks(labels, models, seed=0)
     every_class = ~datamodel.drops_a_class(masks, labels)
     with_features = np.flatnonzero(every_class)[:trak.MODELS]
@@ -110,7 +111,7 @@ def fit_attribution(shared: Shared, models: int, watch: Callable[[int], None]) -
               for m in range(models)]
     trained = train_many(orders, replace(shared, algorithm=None), watch)
     logits = np.stack([t.train_logits for t in trained])
-    coefficients = datamodel.fit(masks, labels, logits, num_classes)
+    coefficients = datamodel.fit(masks, labels, logits)
     whitened = np.stack([trained[m].gradient_features[0] for m in with_features])
     q = np.mean([trained[m].gradient_features[1] for m in with_features], axis=0)
     effects = trak.removal_effect(whitened, q, ~masks[every_class])
@@ -133,6 +134,6 @@ def _store(run: JobRun, path: Path, fitted: Fitted, key: str, models: int, secon
                "size": fitted.size, "own": fitted.own}
     save_file({name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in tensors.items()}, str(path),
               metadata={"format": FORMAT, "key": key, "models": str(models), "seconds": f"{seconds:.3f}",
-                        "fitted_by": run.job_id, "features": "size,own_class_absent,logit_class_absent,row_kept",
+                        "fitted_by": run.job_id, "features": "share,share_squared,row_kept,class_absent",
                         "kappa": repr(fitted.kappa), "pairwise_scale": repr(fitted.pairwise_scale)})
     run.add_artifact(path)

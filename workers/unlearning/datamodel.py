@@ -1,20 +1,20 @@
 """dmm's attribution: linear datamodels (Ilyas et al., Datamodels: Predicting Predictions from Training Data) fitted
-on models trained on random subsets of the training rows, predicting how a training set's rows move each training
-row's outputs. Two, one per kind of deletion:
+on models trained on random subsets of the training rows, predicting how removing training rows moves each training
+row's margin (the quantity KLoM compares with a retrain's). Two, one per kind of deletion:
 
-A deletion that removes a whole class (fit): per row x of class y and logit j, tied so a few dozen subset models
-determine the coefficients,
+A deletion that removes a whole class (fit): per row x, from every subset model,
 
-    f_j(x; S) ≈ a + b·|S|/N + e·[class y absent from S] + g·[class j ≠ y absent from S] + s·[x ∈ S]
+    margin(x; S) ≈ a + b₁·|S|/N + b₂·(|S|/N)² + s·[x ∈ S] + Σ_c e_c·[class c absent from S]
 
-b is the effect of the training set's size, e and g the effects of a whole class vanishing, s the row's own effect.
+e_c is what a retrain without class c does to x: on the class's own rows the whole drop of its logit (a retrained
+model puts those rows on the classes they look like, row by row), on the others the gain of rows that class c
+competed with. The square bends the size effect, which a class (10% of the rows at once) reaches.
 
-A deletion that keeps every class (fit_rows): the margin, with the row's own effect predicted from TRAK's
-self-influence, the class mix of what is removed, and TRAK's pairwise effects (removing x's near neighbours lowers
-its margin more than removing as many random rows does, trak.py). This is the common request, and the model a
-retrain's margins are compared with (KLoM), so it is fitted in margin space.
+A deletion that keeps every class (fit_rows): the row's own effect predicted from TRAK's self-influence, the class
+mix of what is removed, and TRAK's pairwise effects (removing x's near neighbours lowers its margin more than
+removing as many random rows does, trak.py). This is the common request.
 
-The prediction for a forget set F is the original model's outputs plus f(x; rows − F) − f(x; rows)."""
+The prediction for a forget set F is the original model's margins plus f(x; rows − F) − f(x; rows)."""
 import numpy as np
 import torch
 
@@ -42,33 +42,31 @@ def subset_masks(labels: np.ndarray, models: int, seed: int) -> np.ndarray:
     return masks
 
 
-def _features(masks: np.ndarray, labels: np.ndarray, num_classes: int, reference: np.ndarray) -> np.ndarray:
-    """Features of training rows `reference` (a few at a time) per subset model: [M, n, C, 4], holding per row x and
-    logit j: the share of rows kept, whether x's class is absent, whether class j is absent (j ≠ x's class; the
-    own-class feature covers j = x's class), whether x itself is kept."""
+def class_features(masks: np.ndarray, labels: np.ndarray, rows: np.ndarray, num_classes: int) -> np.ndarray:
+    """Features of training rows `rows` per subset model: [M, n, 3 + C], holding the share of rows kept and its
+    square (a class deletion removes 10% at once, where the size effect bends), whether the row itself is kept, and
+    which classes are absent."""
     counts = np.stack([np.bincount(labels[mask], minlength=num_classes) for mask in masks])
     absent = (counts == 0).astype(np.float64)  # [M, C]
-    own_class = labels[reference]
-    other = np.arange(num_classes)[None, :] != own_class[:, None]  # [n, C]
-    shape = (len(masks), len(reference), num_classes)
-    return np.stack([np.broadcast_to(masks.mean(axis=1)[:, None, None], shape),
-                     np.broadcast_to(absent[:, own_class][:, :, None], shape),
-                     absent[:, None, :] * other[None],
-                     np.broadcast_to(masks[:, reference][:, :, None].astype(np.float64), shape)], axis=-1)
+    share = masks.mean(axis=1)
+    shape = (len(masks), len(rows))
+    return np.concatenate([np.broadcast_to(share[:, None, None], shape + (1,)),
+                           np.broadcast_to(share[:, None, None] ** 2, shape + (1,)),
+                           masks[:, rows, None].astype(np.float64),
+                           np.broadcast_to(absent[:, None, :], shape + (num_classes,))], axis=-1)
 
 
-FEATURES = 4
-CHUNK_ROWS = 1024  # rows solved at once: bounds memory at M × 1024 × C × 4 doubles
+CHUNK_ROWS = 1024  # rows solved at once: bounds memory at M × 1024 × (3 + C) doubles
 
 
-def fit(masks: np.ndarray, labels: np.ndarray, logits: np.ndarray, num_classes: int) -> np.ndarray:
-    """Least squares per (row, logit) on centred features. masks [M, N], logits [M, N, C] → coefficients
-    [N, 4, C] (size, own class absent, logit's class absent, row kept); the intercept cancels in every prediction."""
-    coefficients = np.empty((masks.shape[1], FEATURES, num_classes), dtype=np.float32)
+def fit(masks: np.ndarray, labels: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """The class model, least squares per row on centred features: masks [M, N], logits [M, N, C] → coefficients
+    [N, 3 + C] (share, share², row kept, class c absent); the intercept cancels in every prediction."""
+    y, num_classes = margins(logits, labels), logits.shape[-1]
+    coefficients = np.empty((masks.shape[1], 3 + num_classes), dtype=np.float32)
     for start in range(0, masks.shape[1], CHUNK_ROWS):
         rows = np.arange(start, min(start + CHUNK_ROWS, masks.shape[1]))
-        x = _features(masks, labels, num_classes, rows)
-        coefficients[rows] = _least_squares(x, logits[:, rows].astype(np.float64)).transpose(0, 2, 1)
+        coefficients[rows] = _least_squares(class_features(masks, labels, rows, num_classes), y[:, rows])
     return coefficients
 
 
@@ -138,9 +136,9 @@ def predicted_margin_shift(size: np.ndarray, own: np.ndarray, kappa: float, labe
         np.float32)
 
 
-def predicted_shift(coefficients: np.ndarray, labels: np.ndarray, forget: np.ndarray, num_classes: int) -> np.ndarray:
-    """The tied model's f(x; rows − F) − f(x; rows) for every training row: [N, C]."""
-    rows = np.arange(len(labels))
-    after = _features((~forget)[None], labels, num_classes, rows)[0]
-    before = _features(np.ones((1, len(labels)), dtype=bool), labels, num_classes, rows)[0]
-    return np.einsum("nfc,ncf->nc", coefficients, after - before).astype(np.float32)
+def predicted_class_margin_shift(coefficients: np.ndarray, labels: np.ndarray, forget: np.ndarray) -> np.ndarray:
+    """The class model's margin change of every training row when `forget` goes: [N]."""
+    rows, num_classes = np.arange(len(labels)), coefficients.shape[1] - 3
+    after = class_features((~forget)[None], labels, rows, num_classes)[0]
+    before = class_features(np.ones((1, len(labels)), dtype=bool), labels, rows, num_classes)[0]
+    return np.einsum("nf,nf->n", coefficients, after - before).astype(np.float32)
