@@ -98,6 +98,12 @@ def test_kd_student_trains_on_two_ranks(platform, one_and_two, data_root):
     assert of_type(platform.events(job["id"]), "distributed.started")[0]["data"]["world_size"] == 2
     test = np.load(data_root / "digits_test.npz")
     assert onnx_accuracy(artifact(platform, job["id"], "model.onnx"), test["x"], test["y"]) > 0.8
+    # Dataset distillation has its own loop, not the data-parallel one: refused before any rank starts.
+    refused = platform.submit({"method": "distill", "algorithm": "dataset",
+                               "dataset": DIGITS, "resources": TWO_RANKS, "budget": {"max_seconds": 60}})
+    refused = platform.wait(refused["id"], timeout=60)
+    assert refused["status"] == "failed" and refused["error"]["code"] == "devices_unsupported", refused["error"]
+    assert "resources.devices 1" in refused["error"]["message"]
 
 
 def test_prune_and_unlearn_fine_tune_on_two_ranks(platform, one_and_two, data_root):
