@@ -168,14 +168,17 @@ def test_a_killed_rank_requeues_the_attempt_and_the_next_resumes(platform):
     assert job["result"]["metrics"]["accuracy"] > 0.85
 
 
-def test_ranks_of_a_killed_worker_stop_and_the_job_is_requeued(platform):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_ranks_of_a_killed_worker_stop_and_the_job_is_requeued(platform, sig):
+    """SIGKILL: the ranks see their worker gone and exit; its lease runs out. SIGTERM (a pod being stopped): the worker
+    stops its ranks, hands the attempt back at once and shuts down."""
     job = platform.submit(train_spec(TWO_RANKS, epochs=200))
     deadline = time.time() + 120
     while not of_type(platform.events(job["id"]), "train.epoch"):
         assert time.time() < deadline and platform.job(job["id"])["status"] in ("queued", "running")
         time.sleep(0.2)
     ranks = of_type(platform.events(job["id"]), "distributed.started")[0]["data"]["ranks"]
-    platform.kill_worker()  # SIGKILL: nothing of the worker's runs on
+    platform.kill_worker(sig)
     gone = time.time() + 10
     while time.time() < gone and any(_alive(rank["pid"]) for rank in ranks):
         time.sleep(0.1)
@@ -187,6 +190,8 @@ def test_ranks_of_a_killed_worker_stop_and_the_job_is_requeued(platform):
         time.sleep(0.2)
     assert platform.http.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
     assert platform.wait(job["id"], timeout=60)["status"] == "cancelled"
+    handed_back = of_type(platform.events(job["id"]), "job.rank_lost")
+    assert len(handed_back) == (1 if sig == signal.SIGTERM else 0), handed_back
 
 
 def _alive(pid: int) -> bool:
