@@ -492,6 +492,10 @@ def launch(run: JobRun) -> tuple[str, dict | None, dict | None]:
         failures = failed.failures
     except SignalException as stop:  # the worker was told to stop: elastic has stopped the ranks
         interrupted = stop.sigval
+    except Exception as exc:  # the launcher itself failed (rendezvous, a port): the machine or a bug, not the job
+        log.exception("job %s: starting its ranks failed", run.job_id)
+        return "failed", None, JobFailure("internal_error", f"Starting the job's {resources.devices} ranks failed "
+                                          f"({type(exc).__name__}: {exc}); it has been logged.", "infra_error").as_dict()
     finally:
         # Elastic installs handlers that raise in the main thread; the Celery worker's own come back.
         for sig, handler in handlers.items():
