@@ -123,6 +123,14 @@ def test_prune_and_unlearn_fine_tune_on_two_ranks(platform, one_and_two, data_ro
     assert unlearn["result"]["metrics"]["retain_accuracy"] > 0.85
 
 
+def test_a_budget_stops_every_rank_at_the_same_step(platform):
+    spec = train_spec(TWO_RANKS)
+    job = succeeded(platform, platform.submit({**spec, "budget": {"max_seconds": 300, "max_steps": 30}})["id"])
+    assert job["result"]["stopped_by"] == "budget"
+    report = platform.http.get(f"/v1/jobs/{job['id']}/artifacts/report.json").json()
+    assert report["training"]["steps"] == 30 and report["training"]["epochs_run"] == 1, report["training"]
+
+
 def test_cancel_reaches_every_rank(platform):
     job = platform.submit(train_spec(TWO_RANKS, epochs=200))
     deadline = time.time() + 120
