@@ -79,11 +79,12 @@ DDP_DEVICES = 2
 WORKER_CLASSES = f"cpu,gpu,gpu-x{DDP_DEVICES}"
 
 
-def gpu_train_job(platform, devices: int, epochs: int, seed: int) -> dict:
+def gpu_train_job(platform, devices: int, epochs: int, seed: int, accelerator: str = "gpu") -> dict:
     """A digits `train` job on `devices` GPUs (batch 64 in all: 32 per rank on 2); its training phase in seconds
     (model.built → train.finished), accuracy, last epoch's train loss and, on several ranks, the backend."""
     spec = {"method": "train", "dataset": {"uri": "builtin://digits", "validation": {"fraction": 0.1}},
-            "params": {"epochs": epochs, "batch_size": 64}, "resources": {"accelerator": "gpu", "devices": devices},
+            "params": {"epochs": epochs, "batch_size": 64},
+            "resources": {"accelerator": accelerator, "devices": devices},
             "budget": {"max_seconds": 600}, "seed": seed}
     with httpx.Client(base_url=platform.base, headers=platform.headers, timeout=60) as http:
         job = wait_job(platform.base, platform.headers, http.post("/v1/jobs", json=spec).json()["id"])
