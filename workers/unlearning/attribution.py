@@ -1,7 +1,7 @@
 """dmm's attribution as a service: the datamodel is fitted once per trained model (and its training data) and stored
 as an artifact of the job that fitted it, `attribution-<key>.safetensors`, where key hashes the model's weights, the
 training rows and the number of subset models. Later dmm jobs in the same project find it by that name in the ledger
-and only fine-tune: each deletion request after the first is cheap. It holds the tied datamodel's coefficients and
+and only fine-tune: each deletion request after the first is cheap. It holds the class model's coefficients and
 TRAK's whitened gradient features and the margin model fitted with them (datamodel.py, trak.py)."""
 import hashlib
 import time

@@ -1,6 +1,6 @@
 """dmm's pairwise term: TRAK (Park et al., TRAK: Attributing Model Behavior at Scale) estimates how removing particular
-training rows moves another row's margin, which the tied datamodel (datamodel.py) cannot see: removing a row's near
-neighbours lowers its margin more than removing as many random rows does.
+training rows moves another row's margin, which the margin datamodel's per-row terms (datamodel.py) cannot see:
+removing a row's near neighbours lowers its margin more than removing as many random rows does.
 
 Per model m: Φ_m [N, k] holds randomly projected gradients of every training row's margin; TRAK's attribution of
 row x to row i is φ_m(x)ᵀ (Φ_mᵀΦ_m + λI)⁻¹ φ_m(i) · q_i, q_i = 1 − p(correct | i), averaged over models. It is stored
@@ -60,7 +60,7 @@ def self_influence(whitened: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 def removal_effect(whitened: np.ndarray, q: np.ndarray, removed: np.ndarray) -> np.ndarray:
     """TRAK's margin change of every row when the rows in each mask of `removed` [R, N] are removed, less what
-    removing as many random rows would do (that part is the tied datamodel's size effect), and without a row's effect
+    removing as many random rows would do (that part is the margin datamodel's size effect), and without a row's effect
     on itself (the datamodel's own-row term): [R, N]. whitened [M, N, k], q [N]."""
     removed = removed.astype(np.float64)
     self_term = self_influence(whitened, q)
