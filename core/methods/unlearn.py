@@ -69,6 +69,9 @@ class DmmParams(Params):
     lr: float = Field(default=2e-3, gt=0, le=10)
     batch_size: BatchSize = 64
     retain_multiple: int = Field(default=2, ge=0, le=100, description="retain rows matched per forget row")
+    min_retain_rows: int = Field(default=256, ge=0, le=1_000_000, description="retain rows matched at least (when "
+                                 "the retain set has them): a small request matched on few rows moves the rest of "
+                                 "the model unchecked")
     attribution_models: int = Field(default=192, ge=8, le=1024, description="models trained on random subsets to fit "
                                     "the datamodel; computed once per trained model and reused")
 
@@ -81,6 +84,9 @@ class OracleMatchingParams(Params):
     lr: float = Field(default=1e-3, gt=0, le=10)
     batch_size: BatchSize = 64
     retain_multiple: int = Field(default=4, ge=0, le=100, description="retain rows matched per forget row")
+    min_retain_rows: int = Field(default=256, ge=0, le=1_000_000, description="retain rows matched at least (when "
+                                 "the retain set has them): a small request matched on few rows moves the rest of "
+                                 "the model unchecked")
 
 
 def check_spec(spec: JobSpec) -> None:

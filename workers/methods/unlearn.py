@@ -3,13 +3,16 @@ oracle_matching — then report forget / retain / test accuracy, membership infe
 forget set's audit trail and, with `evaluate.oracles: K`, KLoM against K retrained oracles beside its floor."""
 import copy
 import json
+import math
 import time
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.methods.unlearn import DmmParams, OracleMatchingParams
 from workers import distributed
 from workers.checkpoints import pack
 from workers.errors import JobFailure
@@ -194,7 +197,7 @@ class Unlearning:
         """The matching algorithms' target logits on the forget rows and a sample of retain rows: the model's own
         logits plus what a retrain would change in them."""
         d, p = self.data, self.p
-        match = match_rows(d.forget, p.retain_multiple, run.spec.seed)
+        match = rows_to_match(d.forget, p, run.spec.seed)
         try:
             shift = self._shift(run, self.algorithm, p, d.forget, match, run.spec.seed, record=True)
         except Stop as stop:
@@ -352,7 +355,7 @@ class Unlearning:
             p = PARAMS[link.algorithm].model_validate(link.params)
             match = shift = None
             if link.algorithm in MATCHING:
-                match = match_rows(forget, p.retain_multiple, link.seed)
+                match = rows_to_match(forget, p, link.seed)
                 shift = self._shift(run, link.algorithm, p, forget, match, link.seed)
             steps.append(Step(link.algorithm, p.model_dump(mode="json"), forget, match, shift))
         steps.append(Step(self.algorithm, self.p.model_dump(mode="json"), d.forget, self.shared.match,
@@ -418,6 +421,14 @@ class Unlearning:
                 "steps": self.step, "training_rows": len(d.train), "forget_rows": int(d.forget.sum()),
                 "retain_rows": int((~d.forget).sum()), "test_rows": len(d.test), "test_rows_from": d.test_source,
                 "forget_class": d.forget_class}
+
+
+def rows_to_match(forget: np.ndarray, p: DmmParams | OracleMatchingParams, seed: int) -> np.ndarray:
+    """The matched rows: every forget row and retain_multiple times as many retain rows, at least min_retain_rows.
+    On digits a 2 % request matched on 2 × 28 retain rows left retain KLoM95 at 3.61 against 2.87 for doing nothing;
+    on 8 × 28 at 2.98 (bench/unlearn_chain.py)."""
+    multiple = max(p.retain_multiple, math.ceil(p.min_retain_rows / max(1, int(forget.sum()))))
+    return match_rows(forget, multiple, seed)
 
 
 def _is_job_model(uri: str) -> bool:
