@@ -37,6 +37,8 @@ class Settings(BaseSettings):
 
     # Leases and sweeps, in seconds. A lease is renewed by the worker's heartbeat thread.
     heartbeat_seconds: float = 2.0
+    # Metric points and debug events are written together at most this often (workers/runtime.py JobRun.flush).
+    events_flush_seconds: float = 1.0
     lease_seconds: float = 15.0
     checkpoint_seconds: float = 5.0
     redispatch_seconds: float = 10.0  # a queued job is published again after this, then after twice as long …

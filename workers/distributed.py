@@ -372,6 +372,8 @@ class RankRun(JobRun):
             elif reason == "lease_lost":
                 self._lease_lost.set()
             self.report()
+            if self._held and self._flush_due():  # no heartbeat thread here to write held points
+                self.flush()
         super().check(step)
 
     def progress(self, step: int, total_steps: int | None, **extra: Any) -> None:

@@ -66,6 +66,9 @@ class JobRun:
         self._samples = 0  # training samples processed by this attempt (written by the loop, read by the heartbeat)
         self._rate_mark = (time.monotonic(), 0)
         self._samples_per_second: float | None = None
+        self._held: list[tuple[str, tuple]] = []  # metric points and debug events not yet written (see flush)
+        self._flushed_at = time.monotonic()
+        self._flush_lock = threading.Lock()
         self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{job.id}", daemon=True)
 
     # --- time and stopping -------------------------------------------------------------------------------------
@@ -156,21 +159,56 @@ class JobRun:
                 with transaction(self.settings.database_url, readonly=True) as session:
                     if cancel_requested(session, self.job_id):
                         self._cancelled.set()
+                if self._held and self._flush_due():  # an epoch's held points, when the next epoch is long
+                    try:
+                        self.flush()
+                    except lifecycle.LeaseLost:
+                        self._lease_lost.set()
+                        return
             except Exception:
                 log.exception("heartbeat for %s failed; retrying", self.job_id)
             self._stop_heartbeat.wait(min(0.5, self.settings.heartbeat_seconds))
 
     # --- events, metrics, progress -----------------------------------------------------------------------------
+    # Metric points and debug events (one of each per epoch) are held and written together, in one fenced
+    # transaction at most every `events_flush_seconds`, instead of two transactions an epoch on the training path;
+    # any other event, a checkpoint and the end of the recipe write what is held first, so the order is kept and
+    # nothing a checkpoint covers is left unwritten. They keep the time they were made.
     def event(self, type_: str, message: str, level: str = "info", **data: Any) -> None:
-        with transaction(self.settings.database_url) as session:
-            lifecycle.fence(session, self.job_id, self.token, self.settings.lease_seconds)
-            event_repo.add_event(session, self.job_id, self.attempt, type_, message, level=level, data=data)
+        with self._flush_lock:
+            self._held.append(("event", (type_, message, level, data, time.time())))
         log.info("%s %s: %s", self.job_id, type_, message)
+        if level != "debug" or self._flush_due():
+            self.flush()
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
+        with self._flush_lock:
+            self._held.append(("metrics", (step, values, time.time())))
+        if self._flush_due():
+            self.flush()
+
+    def _flush_due(self) -> bool:
+        return time.monotonic() - self._flushed_at >= self.settings.events_flush_seconds
+
+    def flush(self) -> None:
+        """Write the held metric points and events, fenced by the lease (LeaseLost when it is no longer ours)."""
+        with self._flush_lock:  # the training thread and the heartbeat both flush; one at a time keeps the order
+            if self._held:
+                self._write(self._held)  # on an error they stay held, for the next flush
+                self._held = []
+            self._flushed_at = time.monotonic()
+
+    def _write(self, held: list[tuple[str, tuple]]) -> None:
         with transaction(self.settings.database_url) as session:
             lifecycle.fence(session, self.job_id, self.token, self.settings.lease_seconds)
-            event_repo.add_metrics(session, self.job_id, step, values)
+            for kind, item in held:
+                if kind == "event":
+                    type_, message, level, data, at = item
+                    event_repo.add_event(session, self.job_id, self.attempt, type_, message, level=level, data=data,
+                                         created_at=at)
+                else:
+                    step, values, at = item
+                    event_repo.add_metrics(session, self.job_id, step, values, created_at=at)
 
     def progress(self, step: int, total_steps: int | None, **extra: Any) -> None:
         # Without a known step count (epochs="auto") the budget is the horizon.
@@ -217,6 +255,7 @@ class JobRun:
 
     def save_checkpoint(self, tensor_bytes: bytes, meta: dict[str, Any]) -> None:
         """Weights first, then the small JSON that points at them: a crash between the two leaves the old pair."""
+        self.flush()
         with transaction(self.settings.database_url) as session:
             lifecycle.fence(session, self.job_id, self.token, self.settings.lease_seconds)
         stamp = f"{meta.get('step', 0):09d}"

@@ -95,7 +95,14 @@ def _abandon(run: JobRun, lost: "distributed.RanksLost") -> None:
 
 def run_recipe(run: JobRun) -> tuple[str, dict | None, dict | None]:
     """Set the recipe up, resume it from the newest checkpoint, run it: (status, result, error). In a multi-device job
-    every rank runs this; rank 0's run is the one that writes."""
+    every rank runs this; rank 0's run is the one that writes. What the run still holds is written before the status
+    is, so the job's final event comes last."""
+    outcome = _recipe_outcome(run)
+    run.flush()
+    return outcome
+
+
+def _recipe_outcome(run: JobRun) -> tuple[str, dict | None, dict | None]:
     started = time.time()
     try:
         recipe = get_recipe(run.spec.method, run.spec.algorithm or "")

@@ -9,9 +9,9 @@ from db.models import JobEvent, MetricPoint
 
 
 def add_event(session: Session, job_id: str, attempt: int, type_: str, message: str, *, level: str = "info",
-              data: dict[str, Any] | None = None) -> JobEvent:
+              data: dict[str, Any] | None = None, created_at: float | None = None) -> JobEvent:
     event = JobEvent(job_id=job_id, attempt=attempt, type=type_, message=message, level=level, data=data or {},
-                     created_at=time.time())
+                     created_at=created_at or time.time())
     session.add(event)
     return event
 
@@ -26,8 +26,9 @@ def get_event(session: Session, seq: int) -> JobEvent | None:
     return session.get(JobEvent, seq)
 
 
-def add_metrics(session: Session, job_id: str, step: int, values: dict[str, float]) -> None:
-    now = time.time()
+def add_metrics(session: Session, job_id: str, step: int, values: dict[str, float],
+                created_at: float | None = None) -> None:
+    now = created_at or time.time()
     session.add_all(MetricPoint(job_id=job_id, name=name, step=step, value=float(value), created_at=now)
                     for name, value in values.items())
 
