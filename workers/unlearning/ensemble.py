@@ -48,6 +48,7 @@ class Order:
     seed: int
     rows: np.ndarray | None = None
     features: int = 0
+    features_dtype: str = "float32"
 
 
 @dataclass
@@ -137,7 +138,8 @@ def _train_one(order: Order, s: Shared) -> Trained:
     model = run_to_end(fitting, budget)
     trained = Trained(order.role, order.seed, *_logits(model, s), seconds=time.perf_counter() - started)
     if order.features:
-        trained.gradient_features = trak.gradient_features(model, s.train, order.features, order.seed)
+        trained.gradient_features = trak.gradient_features(model, s.train, order.features, order.seed,
+                                                           order.features_dtype)
     if order.role == "original" and s.algorithm is not None:
         started = time.perf_counter()
         unlearned = unlearn(model, s, order.seed, budget)
