@@ -181,15 +181,13 @@ def test_dmm_fits_the_attribution_once_and_evaluates_against_oracles(platform, d
 
 
 def test_dmm_reuses_the_attribution_and_forgets_a_class(platform, trained, digits, dmm_job):
-    """A whole class near the oracle floor: a retrained model puts the class's rows on the classes they look like,
-    row by row, and dmm's class model predicts that. KLoM95 on the forget rows within the issue's floor + 1.0 and on
-    retain within floor + 0.5 (bench: 3.85 against 3.28, 3.34 against 2.97). Test does not yet reach floor + 0.5
-    (bench: 3.76 against 2.86 — the class's unseen test rows are the worst), so it is held at floor + 1.0, where
-    this code puts it, and a regression fails; before the class model it was 10.0."""
+    """A whole class at the oracle floor: a retrained model puts the class's rows on the classes they look like,
+    row by row, and dmm's class model predicts that. KLoM95 within the issue's floor + 1.0 on the forget rows and
+    floor + 0.5 on retain and test (bench: 3.74 / 3.04 / 3.23 against 3.28 / 2.97 / 2.86); before the class model
+    it was 11.2 / 8.7 / 10.0."""
     job = unlearn(platform, trained, digits, "dmm", {"class": 3}, evaluate={"oracles": K})
     report = report_of(platform, job)
-    assert_klom_targets(report, ("forget", "retain", "test", "test_forget_class"), retain_margin=0.5,
-                        test_margin=1.0)
+    assert_klom_targets(report, ("forget", "retain", "test", "test_forget_class"))
     assert report["attribution"]["reused"] is True and report["attribution"]["fitted_by"] == dmm_job["id"]
     names = [a["name"] for a in platform.http.get(f"/v1/jobs/{job['id']}/artifacts").json()["data"]]
     assert not any(name.startswith("attribution-") for name in names)
