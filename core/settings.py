@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     # The longest a rank of a multi-device job waits in a collective for the others (a lost rank is caught sooner,
     # by the elastic launcher; this bounds a hang).
     distributed_timeout_seconds: float = Field(default=300.0, gt=0)
+    # Multi-node jobs (resources.nodes > 1, workers/distributed.py). The address other machines reach this worker
+    # at (empty: this host name's address, else 127.0.0.1; Helm passes the pod IP); the port its rendezvous listens
+    # on when it leads a job (0: a free port per job); how long it waits for the other nodes to join before it hands
+    # the attempt back.
+    worker_address: str = ""
+    rendezvous_port: int = Field(default=0, ge=0, le=65535)
+    nodes_join_seconds: float = Field(default=120.0, gt=0)
     device: str = "auto"  # cpu | cuda | auto (cuda when available)
 
     @field_validator("outbound_allowed_networks")

@@ -599,6 +599,8 @@ FUNCTIONS = {
     "list": lambda *items: list(items),
     "append": lambda items, item: [*(items or []), item],
     "join": lambda sep, items: sep.join(go_str(item) for item in (items or [])),
+    "splitList": lambda sep, s: go_str(s).split(sep),
+    "last": lambda items: items[-1] if items else None,
     "merge": _merge,
     "deepCopy": copy.deepcopy,
     "hasKey": lambda d, k: k in (d or {}),
@@ -1247,3 +1249,22 @@ def test_helm_lint_and_template(tmp_path):
     docs = [d for d in yaml.safe_load_all(result.stdout) if d]
     ours = {(d["kind"], d["metadata"]["name"]) for d in manifests(render_chart(FULL))}
     assert {(d["kind"], d["metadata"]["name"]) for d in docs} == ours
+
+
+def test_multi_node_pools_give_each_pod_its_address_and_the_rendezvous_port():
+    """A `-nM` class's pods reach each other by pod IP (downward API) and the leader's rendezvous port."""
+    from core.settings import Settings
+    pool = {"name": "gpu-x8-n2", "classes": ["gpu-x8-n2"], "gpus": 8, "replicaCount": 2}
+    deployments = by_kind(manifests(render_chart(deep_merge(BASE, {"workerPools": [GPU_POOLS[0], pool]}))),
+                          "Deployment")
+    container = deployments["prod-refinery-worker-gpu-x8-n2"]["spec"]["template"]["spec"]["containers"][0]
+    env = env_of(container)
+    assert env["REFINERY_WORKER_ADDRESS"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert container["ports"] == [{"name": "rendezvous", "containerPort": 29400}]
+    settings = Settings(worker_classes=env["REFINERY_WORKER_CLASSES"]["value"],
+                        rendezvous_port=env["REFINERY_RENDEZVOUS_PORT"]["value"])  # what the worker reads at start
+    assert settings.rendezvous_port == 29400 and settings.worker_classes == "gpu-x8-n2"
+    single = deployments["prod-refinery-worker-cpu"]["spec"]["template"]["spec"]["containers"][0]
+    assert "REFINERY_WORKER_ADDRESS" not in env_of(single) and "ports" not in single
+    with pytest.raises(TemplateError, match="replicaCount >= 2"):  # one pod could never run a 2-node job
+        render_chart(deep_merge(BASE, {"workerPools": [{**pool, "replicaCount": 1}]}))

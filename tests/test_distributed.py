@@ -1,9 +1,13 @@
 """Multi-device jobs over HTTP on the real platform: a `train` job on 2 gloo ranks (resources.devices 2, class cpu-x2)
 matches the same job on one process at the same global batch and seed; kd, prune and unlearn fine-tunes train on 2
 ranks; a cancel stops every rank; a rank killed mid-run abandons its attempt, which the reaper requeues and the next
-attempt resumes from its checkpoint; the ranks of a killed worker stop with it."""
+attempt resumes from its checkpoint; the ranks of a killed worker stop with it. A 2-node job (resources.nodes 2,
+class cpu-n2) runs on two worker processes of this machine joined by a c10d rendezvous on 127.0.0.1, matches the
+1-process job too, and a killed node requeues its attempt."""
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -12,7 +16,7 @@ import torch
 from safetensors.numpy import load as load_tensors
 
 from core.spec import Resources
-from tests.conftest import onnx_accuracy
+from tests.conftest import ROOT, onnx_accuracy
 from workers import distributed
 from workers.errors import JobFailure
 
@@ -21,6 +25,7 @@ DIGITS = {"uri": "builtin://digits", "validation": {"fraction": 0.2}}
 MLP = {"arch": "mlp", "args": {"hidden": [64], "dropout": 0.0}}
 PARAMS = {"epochs": 4, "batch_size": 64, "lr": 0.003, "optimizer": "adam", "schedule": "constant"}
 TWO_RANKS = {"accelerator": "cpu", "devices": 2}
+TWO_NODES = {"accelerator": "cpu", "devices": 1, "nodes": 2}
 
 
 def train_spec(resources: dict | None = None, epochs: int = 4) -> dict:
@@ -53,9 +58,9 @@ def one_and_two(platform):
     return succeeded(platform, one["id"]), succeeded(platform, two["id"])
 
 
-def test_two_rank_train_job_matches_one_process(platform, one_and_two, data_root):
-    one, two = one_and_two
-    assert two["spec"]["resources"]["devices"] == 2
+def matches_one_process(platform, one: dict, two: dict) -> float:
+    """Asserts that `two` trained the model `one` did (weights within 1e-5, the same loss curve and accuracy);
+    returns the largest weight difference."""
     weights = [load_tensors(artifact(platform, job["id"], "model.safetensors")) for job in (one, two)]
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
@@ -68,6 +73,13 @@ def test_two_rank_train_job_matches_one_process(platform, one_and_two, data_root
     losses = [[point["value"] for point in s["data"][0]["points"]] for s in series]
     assert len(losses[0]) == len(losses[1]) == PARAMS["epochs"]
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    return max(float(np.abs(weights[1][name] - weights[0][name]).max()) for name in weights[0])
+
+
+def test_two_rank_train_job_matches_one_process(platform, one_and_two, data_root):
+    one, two = one_and_two
+    assert two["spec"]["resources"]["devices"] == 2
+    matches_one_process(platform, one, two)
     # The deployable model a user downloads answers like the 1-process one on rows neither job saw.
     test = np.load(data_root / "digits_test.npz")
     accuracies = [onnx_accuracy(artifact(platform, job["id"], "model.onnx"), test["x"], test["y"]) for job in (one, two)]
@@ -217,10 +229,8 @@ def test_more_devices_than_the_worker_has_fail_with_a_code():
     with pytest.raises(JobFailure) as cores:
         distributed.require_devices(Resources(devices=len(os.sched_getaffinity(0)) + 1))
     assert cores.value.code == "devices_unavailable"
-    with pytest.raises(JobFailure) as nodes:
-        distributed.require_devices(Resources(devices=1, nodes=2))
-    assert nodes.value.code == "nodes_unsupported"
     distributed.require_devices(Resources(devices=2))  # what this 2-core machine gives
+    distributed.require_devices(Resources(devices=2, nodes=2))  # devices count per node
 
 
 def test_the_loop_is_local_without_a_process_group():
@@ -228,3 +238,106 @@ def test_the_loop_is_local_without_a_process_group():
     index = torch.arange(10)
     assert list(distributed.rank_slices([index]))[0] is index
     distributed.training_done()  # nothing to leave in a 1-process job
+
+
+class NodeWorkers:
+    """Worker processes of the session platform that serve only the 2-node class cpu-n2: each is one node, and the
+    rendezvous is on 127.0.0.1 (REFINERY_WORKER_ADDRESS)."""
+
+    def __init__(self, platform):
+        from core.embedded import worker_args
+        from core.resources import class_queues
+        self.platform, self.procs = platform, {}
+        self.env = dict(platform.env, REFINERY_WORKER_CLASSES="cpu-n2", REFINERY_WORKER_ADDRESS="127.0.0.1",
+                        REFINERY_NODES_JOIN_SECONDS="30")
+        self.args = worker_args(",".join(class_queues(self.env["REFINERY_QUEUE"], "cpu-n2")))
+
+    def start(self, name: str) -> None:
+        path = self.platform.home / f"{name}.log"
+        path.unlink(missing_ok=True)
+        self.procs[name] = subprocess.Popen([sys.executable, *self.args], env=self.env, cwd=ROOT,
+                                            stdout=path.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 60
+        while " ready." not in path.read_text(errors="replace"):
+            assert time.time() < deadline and self.procs[name].poll() is None, self.log(name)
+            time.sleep(0.2)
+
+    def log(self, name: str) -> str:
+        return (self.platform.home / f"{name}.log").read_text(errors="replace")[-3000:]
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name}\n{self.log(name)}" for name in self.procs)
+
+    def name_of(self, worker: str) -> str:
+        """The name of the process whose worker id (host:pid) is `worker`."""
+        return next(name for name, proc in self.procs.items() if worker.endswith(f":{proc.pid}"))
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+@pytest.fixture(scope="module")
+def node_workers(platform):
+    workers = NodeWorkers(platform)
+    try:
+        workers.start("node-a")
+        workers.start("node-b")
+        yield workers
+    finally:
+        workers.stop()
+
+
+def test_a_two_node_train_job_matches_one_process(platform, one_and_two, node_workers):
+    job = platform.submit(train_spec(TWO_NODES))
+    assert job["resource_class"] == "cpu-n2"
+    job = platform.wait(job["id"], timeout=120)
+    assert job["status"] == "succeeded", (job.get("error"), node_workers.logs())
+    difference = matches_one_process(platform, one_and_two[0], job)
+    print(f"2 nodes vs 1 process: max weight difference {difference:.2e}")
+    started = of_type(platform.events(job["id"]), "distributed.started")
+    assert len(started) == 1, started
+    data = started[0]["data"]
+    assert data["world_size"] == 2 and data["nodes"] == 2 and data["backend"] == "gloo"
+    ranks = data["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and len({r["pid"] for r in ranks}) == 2
+    # One rank in each of the two node workers; one attempt, counted in the 1-process job's global steps.
+    assert {node_workers.name_of(r["worker"]) for r in ranks} == {"node-a", "node-b"}
+    assert job["attempt"] == 1 and job["progress"]["step"] == one_and_two[0]["progress"]["step"]
+
+
+def test_a_killed_node_requeues_the_attempt_and_the_next_resumes(platform, node_workers):
+    job = platform.submit(train_spec(TWO_NODES, epochs=40))
+    deadline, ranks = time.time() + 90, None
+    while time.time() < deadline:  # the follower node, once a checkpoint exists to resume from
+        events = platform.events(job["id"])
+        started = of_type(events, "distributed.started")
+        if started and of_type(events, "checkpoint.saved"):
+            ranks = started[0]["data"]["ranks"]
+            break
+        assert platform.job(job["id"])["status"] in ("queued", "running"), node_workers.logs()
+        time.sleep(0.2)
+    assert ranks is not None, node_workers.logs()
+    follower = node_workers.name_of(ranks[1]["worker"])
+    node_workers.procs[follower].kill()  # the whole follower worker, as a machine going away
+    node_workers.procs[follower].wait(10)
+    node_workers.start(follower)  # a fresh node for the next attempt
+
+    job = platform.wait(job["id"], timeout=120)
+    assert job["status"] == "succeeded", (job.get("error"), node_workers.logs())
+    events = platform.events(job["id"])
+    lost = of_type(events, "job.rank_lost")
+    assert len(lost) == 1 and lost[0]["attempt"] == 1, lost
+    assert [(r["rank"], r["pid"], r["signal"]) for r in lost[0]["data"]["ranks"]] == [(1, ranks[1]["pid"], "lost")]
+    assert job["attempt"] == 2 and of_type(events, "job.requeued")
+    resumed = of_type(events, "job.resumed")
+    assert len(resumed) == 1 and resumed[0]["attempt"] == 2 and resumed[0]["data"]["step"] > 0
+    again = of_type(events, "distributed.started")
+    assert [e["attempt"] for e in again] == [1, 2] and again[1]["data"]["nodes"] == 2
+    assert not _alive(ranks[1]["pid"])
+    assert job["result"]["metrics"]["accuracy"] > 0.85

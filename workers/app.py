@@ -1,4 +1,5 @@
-"""Celery worker entry point: `celery -A workers.app worker --pool=solo`. Registers the run_job task by name; consumes
+"""Celery worker entry point: `celery -A workers.app worker --pool=solo`. Registers the run_job task by name (and
+join_job, which makes this worker one node of another worker's multi-node attempt); consumes
 the queues of the resource classes in REFINERY_WORKER_CLASSES (core/resources.py); reports itself to the ledger's
 worker registry (db/worker_registry.py); and on Redis starts the stalled-consumer watchdog (workers/watchdog.py) over
 those queues."""
@@ -9,8 +10,9 @@ from core.broker import RUN_JOB, celery_app
 from core.resources import class_queues, parse_classes
 from core.settings import get_settings
 from db.worker_registry import Reporter
+from workers.distributed import JOIN_JOB
 from workers.runtime import worker_name
-from workers.tasks import execute
+from workers.tasks import execute, join
 from workers.watchdog import Watchdog, redis_queue_depth
 
 app = celery_app
@@ -25,6 +27,13 @@ reporter: Reporter | None = None
 @app.task(name=RUN_JOB, acks_late=True, ignore_result=True)
 def run_job(job_id: str) -> str:
     return execute(job_id)
+
+
+# Acknowledged on receipt: a join that dies with its worker is not worth redelivering (the leader's rendezvous times
+# out and the job is requeued), and the worker registry shows this worker busy with the job while it serves.
+@app.task(name=JOIN_JOB, acks_late=False, ignore_result=True)
+def join_job(job_id: str, attempt: int, endpoint: str, leader: str, control_port: int) -> str:
+    return join(job_id, attempt, endpoint, leader, control_port)
 
 
 @worker_ready.connect

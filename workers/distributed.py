@@ -34,6 +34,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -47,12 +48,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from core.resources import queue_for, resource_class
 from core.settings import Settings
 from core.spec import Resources
 from db import lifecycle
 from db.models import Job
 from workers.errors import JobFailure
-from workers.runtime import JobRun, Stop
+from workers.runtime import JobRun, Stop, worker_name
 
 log = logging.getLogger("refinery.worker")
 
@@ -60,6 +62,7 @@ POLL_SECONDS = 0.2  # how often rank 0 reads the heartbeat's flag, and the worke
 FOLLOWER_GRACE_SECONDS = 10.0  # a rank > 0 still running this long after rank 0 posted its outcome is stopped
 SHUTDOWN_SECONDS = 5  # elastic's wait between SIGTERM and SIGKILL when it stops the ranks
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)  # the handlers torch elastic takes over
+JOIN_JOB = "refinery.join_job"  # the Celery task that makes a worker one node of another worker's attempt
 GO, CANCELLED, BUDGET, LEASE_LOST = 0, 1, 2, 3  # rank 0's stop decision, as the per-step all_reduce carries it
 
 _training_over = False  # set on rank 0 by training_done(): later loops run on this process alone
@@ -77,12 +80,28 @@ class Abandoned(Exception):
         self.outcome = outcome
 
 
-class RanksLost(Abandoned):
-    """A rank died mid-attempt. `ranks` describes the dead ones (rank, pid, signal or exit code)."""
+class HandedBack(Abandoned):
+    """The attempt ends without a result and hands its lease back now (JobRun.release), so the reaper requeues the
+    job at its next sweep; `event` (with `data`) is the event that says why."""
+
+    def __init__(self, outcome: str, event: str, message: str, **data: Any):
+        super().__init__(outcome, message)
+        self.event, self.data = event, data
+
+
+class RanksLost(HandedBack):
+    """A rank died mid-attempt. `ranks` describes the dead ones (rank, pid, worker, signal)."""
 
     def __init__(self, message: str, ranks: list[dict[str, Any]]):
-        super().__init__("rank_lost", message)
+        super().__init__("rank_lost", "job.rank_lost", message, ranks=ranks)
         self.ranks = ranks
+
+
+class NodesMissing(HandedBack):
+    """Fewer than resources.nodes workers joined the rendezvous within REFINERY_NODES_JOIN_SECONDS."""
+
+    def __init__(self, message: str, joined: int, nodes: int):
+        super().__init__("nodes_missing", "job.nodes_missing", message, joined=joined, nodes=nodes)
 
 
 # --- where this process stands ---------------------------------------------------------------------------------
@@ -244,8 +263,10 @@ def _stopped(decision: int, run: Any, step: int) -> Exception:
 
 # --- the worker process ↔ ranks channel ------------------------------------------------------------------------
 class Control:
-    """A TCPStore hosted by the worker process. Keys: `stop` ("cancelled" or "lease_lost", from the heartbeat),
-    `progress` (rank 0's progress and sample count, JSON), `outcome/<rank>` (JSON), `pid/<rank>`."""
+    """A TCPStore hosted by the worker process that leads the attempt (it listens on every interface: the ranks of
+    the other nodes reach it at REFINERY_WORKER_ADDRESS). Keys: `stop` ("cancelled" or "lease_lost", from the
+    heartbeat), `progress` (rank 0's progress and sample count, JSON), `outcome/<rank>` (JSON), `rank/<rank>` (its
+    pid and worker), `joined` (nodes that took a join message), `leader_group` (the leader's elastic group rank)."""
 
     def __init__(self, store: dist.TCPStore):
         self.store = store
@@ -256,8 +277,8 @@ class Control:
                                  timeout=timedelta(seconds=30)))
 
     @classmethod
-    def join(cls, port: int) -> "Control":
-        return cls(dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=30)))
+    def join(cls, host: str, port: int) -> "Control":
+        return cls(dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=30)))
 
     @property
     def port(self) -> int:
@@ -278,11 +299,26 @@ class Control:
     def progress(self) -> dict[str, Any] | None:
         return self._read("progress")
 
-    def register(self, rank_: int) -> None:
-        self.store.set(f"pid/{rank_}", json.dumps(os.getpid()))
+    def register(self, rank_: int, worker: str) -> None:
+        self.store.set(f"rank/{rank_}", json.dumps({"pid": os.getpid(), "worker": worker}))
 
-    def pid(self, rank_: int) -> int | None:
-        return self._read(f"pid/{rank_}")
+    def registered(self, rank_: int) -> dict[str, Any] | None:
+        return self._read(f"rank/{rank_}")
+
+    def count_joined(self) -> None:
+        self.store.add("joined", 1)
+
+    def joined(self) -> int:
+        return self.store.add("joined", 0)
+
+    def node_rank(self, leader: bool, local_rank: int) -> int:
+        """This node's place with the leader's node first. Elastic numbers the nodes by (address, pid), so the
+        leader's local rank 0 publishes its elastic group rank and every node moves that one to 0."""
+        group = int(os.environ["GROUP_RANK"])
+        if leader and local_rank == 0:
+            self.store.set("leader_group", str(group))
+        lead = int(self.store.get("leader_group"))  # waits until the leader's rank has set it
+        return 0 if group == lead else group + 1 if group < lead else group
 
     def post_outcome(self, rank_: int, status: str, result: dict | None, error: dict | None) -> None:
         self.store.set(f"outcome/{rank_}", json.dumps({"status": status, "result": result, "error": error,
@@ -293,16 +329,18 @@ class Control:
 
 
 class Relay:
-    """In the worker process while the ranks run: the heartbeat's stop flag to rank 0, rank 0's progress to the
-    heartbeat, and ranks > 0 that outstay rank 0's outcome by FOLLOWER_GRACE_SECONDS stopped (they have nothing
-    left to do, and the launch waits for every rank)."""
+    """In a worker process while its ranks run: on the leader, the heartbeat's stop flag to rank 0 and rank 0's
+    progress to the heartbeat (`job_run`; None on the other nodes); on every node, its own ranks > 0 that outstay
+    rank 0's outcome by FOLLOWER_GRACE_SECONDS stopped (they have nothing left to do, and the launch waits for every
+    rank)."""
 
-    def __init__(self, job_run: JobRun, control: Control, ranks: int):
-        self.job_run, self.control, self.ranks = job_run, control, ranks
+    def __init__(self, job_id: str, control: Control, ranks: int, job_run: JobRun | None = None):
+        self.job_id, self.job_run, self.control, self.ranks = job_id, job_run, control, ranks
+        self.worker = worker_name()
         self.sent: str | None = None
         self.main_done_at: float | None = None
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name=f"ranks-{job_run.job_id}", daemon=True)
+        self.thread = threading.Thread(target=self._loop, name=f"ranks-{job_id}", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
@@ -318,9 +356,11 @@ class Relay:
                 self.sync()
                 self._stop_stragglers()
             except Exception:
-                log.exception("job %s: relaying to its ranks failed; retrying", self.job_run.job_id)
+                log.exception("job %s: relaying to its ranks failed; retrying", self.job_id)
 
     def sync(self) -> None:
+        if self.job_run is None:
+            return
         reason = self.job_run.stop_requested()
         if reason is not None and reason != self.sent:
             self.control.request_stop(reason)
@@ -337,12 +377,12 @@ class Relay:
         if time.monotonic() - self.main_done_at < FOLLOWER_GRACE_SECONDS:
             return
         for follower in range(1, self.ranks):
-            pid = self.control.pid(follower)
-            if pid is not None and self.control.outcome(follower) is None:
+            seen = self.control.registered(follower)
+            if seen is not None and seen["worker"] == self.worker and self.control.outcome(follower) is None:
                 log.warning("job %s: rank %d (pid %d) still runs %.0f s after rank 0 finished; stopping it",
-                            self.job_run.job_id, follower, pid, FOLLOWER_GRACE_SECONDS)
+                            self.job_id, follower, seen["pid"], FOLLOWER_GRACE_SECONDS)
                 try:
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(seen["pid"], signal.SIGKILL)
                 except ProcessLookupError:
                     pass
         self.main_done_at = float("inf")  # once
@@ -429,9 +469,11 @@ def announce(run: JobRun) -> None:
         return
     ranks: list[Any] = [None] * world()
     dist.all_gather_object(ranks, {"rank": rank(), "pid": os.getpid(), "host": socket.gethostname(),
-                                   "device": str(device())})
-    run.event("distributed.started", f"Training on {world()} ranks with DistributedDataParallel "
-              f"({dist.get_backend()}, {ranks[0]['device']}); rank 0 writes.", world_size=world(),
+                                   "worker": run.worker, "device": str(device())})
+    nodes = len({r["worker"] for r in ranks})
+    where = f" on {nodes} nodes" if nodes > 1 else ""
+    run.event("distributed.started", f"Training on {world()} ranks{where} with DistributedDataParallel "
+              f"({dist.get_backend()}, {ranks[0]['device']}); rank 0 writes.", world_size=world(), nodes=nodes,
               backend=dist.get_backend(), ranks=ranks)
 
 
@@ -441,10 +483,7 @@ def available_devices(gpu: bool) -> int:
 
 
 def require_devices(resources: Resources) -> None:
-    """Fail a job this worker cannot give its devices: JobFailure devices_unavailable / nodes_unsupported."""
-    if resources.nodes > 1:
-        raise JobFailure("nodes_unsupported", f"resources.nodes is {resources.nodes}, but a job runs on one machine "
-                         "here; use resources.nodes 1 (with up to this pool's devices).", "infra_error")
+    """Fail a job this worker cannot give its devices (per node): JobFailure devices_unavailable."""
     gpu = resources.accelerator == "gpu"
     have = available_devices(gpu)
     if resources.devices > have:
@@ -454,12 +493,11 @@ def require_devices(resources: Resources) -> None:
 
 
 def launch(run: JobRun) -> tuple[str, dict | None, dict | None]:
-    """Run the attempt on `run.spec.resources.devices` ranks and return (status, result, error) as rank 0 finished
-    it. Raises LeaseLost, RanksLost (a rank died) or Abandoned (rank 0 lost the ledger)."""
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    """Run the attempt on `resources.nodes` × `resources.devices` ranks and return (status, result, error) as rank 0
+    finished it. With nodes > 1 this worker leads: it invites nodes - 1 workers of the job's class (JOIN_JOB) to its
+    rendezvous and its own ranks are the first `devices`. Raises LeaseLost, RanksLost (a rank died), NodesMissing
+    (the other nodes did not all join) or Abandoned (rank 0 lost the ledger)."""
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
 
     from workers.methods import get_recipe
 
@@ -469,62 +507,193 @@ def launch(run: JobRun) -> tuple[str, dict | None, dict | None]:
         recipe = get_recipe(run.spec.method, run.spec.algorithm or "")
         if recipe is not None and not getattr(recipe, "data_parallel", False):
             raise JobFailure("devices_unsupported", f"{run.spec.method}/{run.spec.algorithm} trains in one process; "
-                             "submit it with resources.devices 1.")
+                             "submit it with resources.devices 1 and resources.nodes 1.")
     except JobFailure as failure:
         return "failed", None, failure.as_dict()
     gpu = resources.accelerator == "gpu"
+    nodes, world_size = resources.nodes, resources.nodes * resources.devices
     control = Control.host()
-    relay = Relay(run, control, resources.devices)
+    relay = Relay(run.job_id, control, world_size, run)
     attempt = {"worker": run.worker, "attempt": run.attempt, "pid": os.getpid(), "used_before": run.used_before,
-               "started": time.monotonic() - (run.used_seconds() - run.used_before), "workdir": str(run.workdir)}
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=resources.devices, role="rank",
-                          run_id=f"{run.job_id}-{run.attempt}", rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0",
-                          local_addr="127.0.0.1", max_restarts=0, monitor_interval=POLL_SECONDS,
-                          start_method="forkserver", shutdown_timeout=SHUTDOWN_SECONDS,
-                          logs_specs=DefaultLogsSpecs(log_dir=str(run.workdir / "elastic")))
+               "started": time.monotonic() - (run.used_seconds() - run.used_before), "workdir": str(run.workdir),
+               "leader": True, "nodes": nodes}
+    if nodes > 1:
+        address = worker_address(run.settings)
+        endpoint = f"{address}:{run.settings.rendezvous_port or _free_port()}"
+        _invite(run, endpoint, address, control.port)
+    else:
+        address, endpoint = "127.0.0.1", "127.0.0.1:0"
+    config = _launch_config(f"{run.job_id}-{run.attempt}", resources, run.workdir / "elastic", endpoint, address,
+                            is_host=True, join_seconds=run.settings.nodes_join_seconds)
+    try:
+        failures, interrupted = _run_ranks(config, relay, run.job_id, run.token, "127.0.0.1", control.port, attempt,
+                                           gpu)
+    except RendezvousTimeoutError:
+        joined = 1 + control.joined()
+        raise NodesMissing(f"Only {joined} of {nodes} nodes joined the rendezvous within "
+                           f"{run.settings.nodes_join_seconds:.0f} s (the other workers serving "
+                           f"{resource_class(resources)} were busy or absent); this attempt is handed back and the job "
+                           "is requeued.", joined, nodes) from None
+    except Exception as exc:  # the launcher itself failed (rendezvous, a port): the machine or a bug, not the job
+        log.exception("job %s: starting its ranks failed", run.job_id)
+        return "failed", None, JobFailure("internal_error", f"Starting the job's {world_size} ranks failed "
+                                          f"({type(exc).__name__}: {exc}); it has been logged.", "infra_error").as_dict()
+    if interrupted is not None:
+        signal.raise_signal(interrupted)  # now for the worker's own handler (Celery: warm shutdown)
+        raise RanksLost(f"The worker got {interrupted.name} and stopped this attempt's ranks; the job is requeued "
+                        "and resumes from its last checkpoint.", [])
+    return _outcome(run, control, resources, failures)
+
+
+def join(job_id: str, attempt_no: int, endpoint: str, leader: str, control_port: int) -> str:
+    """A JOIN_JOB message: serve one node of a multi-node attempt led by the worker at `leader`, if that attempt is
+    still the job's current one. Its ranks follow (they write nothing); it returns when they end. Returns what
+    happened, for the log."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from core.settings import get_settings
+    from core.spec import JobSpec
+    from db.repositories.jobs import get_job
+    from db.session import transaction
+
+    settings = get_settings()
+    with transaction(settings.database_url, readonly=True) as session:
+        job = get_job(session, job_id)
+        current = job is not None and job.status == "running" and job.attempt == attempt_no
+        resources = JobSpec.model_validate(job.spec).resources if current else None
+    if resources is None:
+        log.info("job %s attempt %s is not running any more; dropping its join message", job_id, attempt_no)
+        return "skipped"
+    try:
+        require_devices(resources)
+        control = Control.join(leader, control_port)
+    except (JobFailure, RuntimeError) as exc:  # too few devices here, or the leader is gone: it times out alone
+        log.warning("job %s attempt %s: not joining (%s)", job_id, attempt_no, exc)
+        return "skipped"
+    control.count_joined()
+    workdir = settings.home / "work" / job_id / f"attempt-{attempt_no}" / f"node-{os.getpid()}"
+    attempt = {"worker": worker_name(), "attempt": attempt_no, "pid": os.getpid(), "used_before": 0.0,
+               "started": time.monotonic(), "workdir": str(workdir), "leader": False, "nodes": resources.nodes}
+    config = _launch_config(f"{job_id}-{attempt_no}", resources, workdir / "elastic", endpoint,
+                            worker_address(settings), is_host=False, join_seconds=settings.nodes_join_seconds)
+    log.info("job %s attempt %s: joining %s's rendezvous at %s as one of %d nodes", job_id, attempt_no, leader,
+             endpoint, resources.nodes)
+    relay = Relay(job_id, control, resources.nodes * resources.devices)
+    try:
+        failures, interrupted = _run_ranks(config, relay, job_id, "", leader, control_port, attempt,
+                                           resources.accelerator == "gpu")
+    except ChildFailedError:  # its failures are in the ranks' log; the leader decides what the attempt's end means
+        return "ranks_failed"
+    except Exception as exc:  # the rendezvous closed or timed out, the leader went away
+        log.warning("job %s attempt %s: this node's launch ended (%s: %s)", job_id, attempt_no,
+                    type(exc).__name__, exc)
+        return "launch_failed"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if interrupted is not None:
+        signal.raise_signal(interrupted)
+        return "interrupted"
+    return "ranks_failed" if failures else "done"
+
+
+def _invite(run: JobRun, endpoint: str, address: str, control_port: int) -> None:
+    """Publish nodes - 1 JOIN_JOB messages to the job's class queue. Failing here only means fewer nodes join: the
+    rendezvous times out and the attempt is handed back."""
+    from core.broker import celery_app
+
+    queue = queue_for(resource_class(run.spec.resources), run.settings.queue)
+    try:
+        for _ in range(run.spec.resources.nodes - 1):
+            celery_app.send_task(JOIN_JOB, args=[run.job_id, run.attempt, endpoint, address, control_port],
+                                 queue=queue, retry=False)
+    except Exception:
+        log.exception("job %s: publishing its join messages failed", run.job_id)
+
+
+def worker_address(settings: Settings) -> str:
+    """Where the other nodes reach this worker: REFINERY_WORKER_ADDRESS, else this host name's address."""
+    if settings.worker_address:
+        return settings.worker_address
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def _launch_config(run_id: str, resources: Resources, log_dir: Path, endpoint: str, address: str, is_host: bool,
+                   join_seconds: float) -> Any:
+    """elastic's LaunchConfig: on one node a standalone c10d rendezvous on 127.0.0.1; on `nodes` a c10d rendezvous
+    the leader hosts at `endpoint`, waiting `join_seconds` for exactly `nodes` nodes. No restarts: a lost rank ends
+    the attempt and the job is requeued instead."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.launcher.api import LaunchConfig
+
+    nodes = resources.nodes
+    rendezvous = {"is_host": is_host, "join_timeout": max(1, round(join_seconds))} if nodes > 1 else {}
+    return LaunchConfig(min_nodes=nodes, max_nodes=nodes, nproc_per_node=resources.devices, role="rank",
+                        run_id=run_id, rdzv_backend="c10d", rdzv_endpoint=endpoint, rdzv_configs=rendezvous,
+                        local_addr=address, max_restarts=0, monitor_interval=POLL_SECONDS,
+                        start_method="forkserver", shutdown_timeout=SHUTDOWN_SECONDS,
+                        logs_specs=DefaultLogsSpecs(log_dir=str(log_dir)))
+
+
+def _run_ranks(config: Any, relay: Relay, *args: Any) -> tuple[dict[int, Any], signal.Signals | None]:
+    """elastic_launch(config, rank_main)(*args) with the relay running: (the failed ranks by elastic's global rank,
+    the signal that stopped the worker or None). Raises what the launcher raised (rendezvous timeout, a port)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     _preload_ranks()
     handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    failures: dict[int, Any] = {}
-    interrupted: signal.Signals | None = None
     relay.start()
     try:
-        elastic_launch(config, rank_main)(run.job_id, run.token, control.port, attempt, gpu)
+        elastic_launch(config, rank_main)(*args)
     except ChildFailedError as failed:
-        failures = failed.failures
+        return failed.failures, None
     except SignalException as stop:  # the worker was told to stop: elastic has stopped the ranks
-        interrupted = stop.sigval
-    except Exception as exc:  # the launcher itself failed (rendezvous, a port): the machine or a bug, not the job
-        log.exception("job %s: starting its ranks failed", run.job_id)
-        return "failed", None, JobFailure("internal_error", f"Starting the job's {resources.devices} ranks failed "
-                                          f"({type(exc).__name__}: {exc}); it has been logged.", "infra_error").as_dict()
+        return {}, stop.sigval
     finally:
         # Elastic installs handlers that raise in the main thread; the Celery worker's own come back.
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         relay.stop()
-    if interrupted is not None:
-        signal.raise_signal(interrupted)  # now for the worker's own handler (Celery: warm shutdown)
-        raise RanksLost(f"The worker got {interrupted.name} and stopped this attempt's ranks; the job is requeued "
-                        "and resumes from its last checkpoint.", [])
-    return _outcome(run, control, resources.devices, failures)
+    return {}, None
 
 
-def _outcome(run: JobRun, control: Control, ranks: int, failures: dict[int, Any]) -> tuple[str, dict | None,
-                                                                                              dict | None]:
+def _outcome(run: JobRun, control: Control, resources: Resources,
+             failures: dict[int, Any]) -> tuple[str, dict | None, dict | None]:
+    ranks, here = resources.nodes * resources.devices, resources.devices  # this node's ranks are 0 .. devices - 1
     outcomes = {r: control.outcome(r) for r in range(ranks)}
     main = outcomes[0]
-    died = [{"rank": r, "pid": f.pid, "signal": f.signal_name()} for r, f in sorted(failures.items())
-            if f.exitcode < 0]
     internal = main is not None and main["status"] == "failed" and (main["error"] or {}).get("code") == "internal_error"
+    died = [{"rank": f.local_rank, "pid": f.pid, "worker": run.worker, "signal": f.signal_name()}
+            for f in sorted(failures.values(), key=lambda f: f.local_rank) if f.exitcode < 0]
+    if internal:  # the other nodes' ranks that are still alive post theirs as their collectives fail too
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and any(outcomes[r] is None for r in range(here, ranks)):
+            time.sleep(0.1)
+            outcomes.update({r: control.outcome(r) for r in range(here, ranks) if outcomes[r] is None})
+    # A rank on another node that posted no outcome died with it, or its node did.
+    died += [{"rank": r, "signal": "lost", **(control.registered(r) or {"pid": None, "worker": None})}
+             for r in range(here, ranks) if outcomes[r] is None]
     if died and (main is None or internal):
         # A dead rank also breaks the others' collectives (rank 0's internal error is then only the echo of it).
         first = died[0]
-        raise RanksLost(f"Rank {first['rank']} of {ranks} (pid {first['pid']}) died ({first['signal']}); this attempt "
-                        "is abandoned and the job is requeued to resume from its last checkpoint.", died)
+        how = f"died ({first['signal']})" if first["signal"] != "lost" else f"on {first['worker']} was lost"
+        raise RanksLost(f"Rank {first['rank']} of {ranks} (pid {first['pid']}) {how}; this attempt is abandoned and "
+                        "the job is requeued to resume from its last checkpoint.", died)
     if main is None:
-        rank_, failure = min(failures.items()) if failures else (0, None)
+        failure = min(failures.values(), key=lambda f: f.local_rank) if failures else None
         why = f"exited with code {failure.exitcode}: {failure.message}" if failure is not None else "posted no outcome"
+        rank_ = failure.local_rank if failure is not None else 0
         return "failed", None, JobFailure("rank_failed", f"Rank {rank_} of {ranks} {why}. It has been logged.",
                                           "infra_error").as_dict()
     if main["status"] == "lease_lost":
@@ -567,17 +736,25 @@ def _exit_with(worker_pid: int) -> None:
     threading.Thread(target=watch, name="worker-watch", daemon=True).start()
 
 
-def rank_main(job_id: str, token: str, port: int, attempt: dict[str, Any], gpu: bool) -> None:
+def rank_main(job_id: str, token: str, control_host: str, port: int, attempt: dict[str, Any], gpu: bool) -> None:
     """One rank of a multi-device attempt, started by elastic_launch (which sets RANK, LOCAL_RANK, WORLD_SIZE,
-    MASTER_ADDR and MASTER_PORT). Posts its (status, result, error) to the control store."""
+    MASTER_ADDR and MASTER_PORT). Posts its (status, result, error) to the leader's control store. On several nodes
+    its global rank is node rank × devices + local rank, the leader's node first (Control.node_rank), and a rank
+    whose group broke before training ended exits 1: elastic's agents then stop at once instead of waiting in their
+    exit barrier for a node that will not come."""
     from core.settings import get_settings
     from db.repositories.jobs import get_job
     from db.session import transaction
     from workers.tasks import LEDGER_ERRORS, run_recipe
 
-    me, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s: %(levelname)s/rank-{me}] %(message)s")
+    local_rank = int(os.environ["LOCAL_RANK"])
     _exit_with(attempt["pid"])
+    control = Control.join(control_host, port)
+    if attempt["nodes"] > 1:
+        node = control.node_rank(attempt["leader"], local_rank)
+        os.environ["RANK"] = str(node * int(os.environ["LOCAL_WORLD_SIZE"]) + local_rank)
+    me = int(os.environ["RANK"])
+    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s: %(levelname)s/rank-{me}] %(message)s")
     torch.set_num_threads(1)
     settings = get_settings()
     timeout = timedelta(seconds=settings.distributed_timeout_seconds)
@@ -586,8 +763,7 @@ def rank_main(job_id: str, token: str, port: int, attempt: dict[str, Any], gpu: 
         dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
     else:
         dist.init_process_group("gloo", timeout=timeout)
-    control = Control.join(port)
-    control.register(me)
+    control.register(me, attempt["worker"])
     with transaction(settings.database_url, readonly=True) as session:
         job = get_job(session, job_id)
     run = (RankRun if me == 0 else FollowerRun)(settings, job, token, control, attempt)
@@ -602,3 +778,5 @@ def rank_main(job_id: str, token: str, port: int, attempt: dict[str, Any], gpu: 
     run.report()
     control.post_outcome(me, *outcome)
     dist.destroy_process_group()
+    if attempt["nodes"] > 1 and not _training_over and outcome[0] not in ("succeeded", "cancelled"):
+        raise SystemExit(1)

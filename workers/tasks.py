@@ -1,7 +1,8 @@
 """The one Celery task, `run_job(job_id)`: claim the job, run its recipe under its budget, finish it. It never
 raises: every outcome, including bad input and bugs, is written to the ledger and the worker takes the next job.
 A job with resources.devices > 1 runs its recipe on that many ranks (workers/distributed.py) while this process keeps
-the claim and the heartbeat."""
+the claim and the heartbeat; with resources.nodes > 1 this process leads, and `join` serves another worker's attempt
+as one more node."""
 import logging
 import time
 
@@ -42,13 +43,13 @@ def execute(job_id: str) -> str:
     log.info("job %s attempt %s began on %s", job_id, run.attempt, run.worker)
     outcome = "crashed"
     try:
-        if run.spec.resources.devices > 1:
+        if run.spec.resources.devices > 1 or run.spec.resources.nodes > 1:
             status, result, error = distributed.launch(run)
         else:
             status, result, error = run_recipe(run)
         _finish(run, status, result, error)
         outcome = status
-    except distributed.RanksLost as lost:
+    except distributed.HandedBack as lost:
         log.warning("job %s: %s", job_id, lost)
         _abandon(run, lost)
         outcome = lost.outcome
@@ -83,11 +84,22 @@ def _finish(run: JobRun, status: str, result: dict | None, error: dict | None) -
         run.drop_checkpoints()
 
 
-def _abandon(run: JobRun, lost: "distributed.RanksLost") -> None:
-    """A rank died: say so, and hand the lease back now so the reaper requeues the job at its next sweep (the next
-    attempt resumes from the last checkpoint) instead of after lease_seconds."""
+def join(job_id: str, attempt: int, endpoint: str, leader: str, control_port: int) -> str:
+    """Serve one node of another worker's multi-node attempt (a `refinery.join_job` message); never raises."""
     try:
-        run.event("job.rank_lost", str(lost), level="warning", ranks=lost.ranks)
+        return distributed.join(job_id, attempt, endpoint, leader, control_port)
+    except Exception:
+        log.exception("job %s attempt %s: serving as a node failed", job_id, attempt)
+        return "crashed"
+    finally:
+        log.info("job %s attempt %s: no longer a node of it", job_id, attempt)
+
+
+def _abandon(run: JobRun, lost: "distributed.HandedBack") -> None:
+    """A rank died, or the other nodes did not all join: say so, and hand the lease back now so the reaper requeues
+    the job at its next sweep (the next attempt resumes from the last checkpoint) instead of after lease_seconds."""
+    try:
+        run.event(lost.event, str(lost), level="warning", **lost.data)
         run.release()
     except (lifecycle.LeaseLost, *LEDGER_ERRORS) as exc:  # the lease runs out on its own
         log.warning("job %s: could not hand the lease back (%s)", run.job_id, type(exc).__name__)

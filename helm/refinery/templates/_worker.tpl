@@ -21,12 +21,25 @@ Call with (list $class $root). */}}
 {{/*
 A worker pool's Deployment: one Celery solo worker per pod (one job at a time) consuming the queues of the pool's
 resource classes (REFINERY_WORKER_CLASSES). A pool with gpus > 0 runs the CUDA image with that many GPUs per pod.
+A pool serving a multi-node class (`-nM`) gives each pod its pod IP as REFINERY_WORKER_ADDRESS (the other nodes
+reach its rendezvous and ranks there) and opens the rendezvous port; it needs at least M pods.
 Call with (dict "root" . "pool" $pool), $pool as refinery.workerPool renders it.
 */}}
 {{- define "refinery.worker" -}}
 {{- $root := .root }}
 {{- $w := .pool }}
 {{- $gpu := gt ($w.gpus | int) 0 }}
+{{- $nodes := 1 }}
+{{- range $class := $w.classes }}
+{{- if contains "-n" $class }}
+{{- $n := splitList "-n" $class | last | int }}
+{{- if gt $n $nodes }}{{ $nodes = $n }}{{ end }}
+{{- end }}
+{{- end }}
+{{- $multinode := gt $nodes 1 }}
+{{- if and $multinode (not $w.keda.enabled) (lt ($w.replicaCount | int) $nodes) }}
+{{- fail (printf "workerPools %s serves a %d-node class, so it needs replicaCount >= %d (one pod per node)" $w.name $nodes $nodes) }}
+{{- end }}
 {{- $component := printf "worker-%s" $w.name }}
 apiVersion: apps/v1
 kind: Deployment
@@ -93,9 +106,22 @@ spec:
               value: {{ ternary "cuda" "cpu" $gpu | quote }}
             - name: REFINERY_TORCH_THREADS
               value: {{ $w.torchThreads | int64 | quote }}
+            {{- if $multinode }}
+            - name: REFINERY_WORKER_ADDRESS
+              valueFrom:
+                fieldRef:
+                  fieldPath: status.podIP
+            - name: REFINERY_RENDEZVOUS_PORT
+              value: {{ $w.rendezvousPort | int64 | quote }}
+            {{- end }}
             {{- with $root.Values.extraEnv }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
+          {{- if $multinode }}
+          ports:
+            - name: rendezvous
+              containerPort: {{ $w.rendezvousPort | int64 }}
+          {{- end }}
           securityContext:
             {{- toYaml $root.Values.securityContext | nindent 12 }}
           resources:
