@@ -355,3 +355,32 @@ def test_a_loop_resumes_from_its_checkpoint_state():
         resumed.run_epoch(budget, epoch, epoch * 100)
     for name, value in straight.model.state_dict().items():
         assert torch.allclose(value, resumed.model.state_dict()[name]), name
+
+
+def test_matching_lr_auto_is_lower_for_convnets_and_layers_head_moves_only_the_output_layer():
+    """lr "auto": 2e-3 for a dense model, 5e-4 for one with convolutions (algorithms.MATCHING_LR, swept on a CNN);
+    layers "head": matching leaves every weight but the output layer's exactly as trained."""
+    from core.methods.unlearn import DmmParams
+    from workers.data.dataset import make_dataset
+    from workers.models import build_model
+    from workers.unlearning.algorithms import Matching, make_rows, matching_lr
+    from workers.unlearning.fitting import Deadline
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((120, 1, 8, 8), dtype=np.float32), rng.integers(0, 3, 120)
+    train = make_dataset(x[:100], y[:100], uri="mem://train", classes=None)
+    test = make_dataset(x[100:], y[100:], uri="mem://test", classes=train.classes)
+    forget = np.arange(100) < 10
+    cnn = build_model("cnn", {"channels": [4, 8], "hidden": 8}, (1, 8, 8), 3)
+    mlp = build_model("mlp", {"hidden": [16]}, (1, 8, 8), 3)
+    assert (matching_lr("auto", cnn), matching_lr("auto", mlp), matching_lr(1e-2, cnn)) == (5e-4, 2e-3, 1e-2)
+    match = np.arange(40)
+    targets = rng.normal(size=(40, 3)).astype(np.float32) * 3
+    before = copy.deepcopy(cnn.state_dict())
+    loop = Matching(cnn, DmmParams(epochs=2, layers="head"), make_rows(train, forget, test, torch.device("cpu"), match,
+                                                                       targets), 0.0, 0)
+    assert loop.lr == 5e-4
+    for epoch in range(2):
+        loop.run_epoch(Deadline(time.time() + 60), epoch, epoch * 10)
+    moved = {name for name, value in cnn.state_dict().items() if not torch.equal(value, before[name])}
+    assert moved == {"body.head.weight", "body.head.bias"}, moved
