@@ -33,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKEN = "rfy_newuser_unlearn_0123456789abcdef"
+TOKEN = "rfy_newuser_unlearn_0123456789abcdef"  # noqa: S105 (a throwaway bootstrap key)
 FORGET_CLASS = 7
 RESULTS = ROOT / "bench" / "results"
 

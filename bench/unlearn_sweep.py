@@ -24,6 +24,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+from bench.unlearn_klom import RESULTS, SEED, builtin_split, cached_attribution, forget_mask  # noqa: E402
 from core.methods.train import TrainParams  # noqa: E402
 from workers.unlearning.algorithms import PARAMS, match_rows  # noqa: E402
 from workers.unlearning.attribution import Size  # noqa: E402
@@ -31,8 +32,6 @@ from workers.unlearning.ensemble import Shared, Trained, _logits, unlearn, usabl
 from workers.unlearning.fitting import Deadline, Fitting, Recipe, fresh_model, run_to_end  # noqa: E402
 from workers.unlearning.oracles import klom_report, seed_for  # noqa: E402
 from workers.unlearning.trak import feature_dtype  # noqa: E402
-
-from bench.unlearn_klom import RESULTS, SEED, builtin_split, cached_attribution, forget_mask  # noqa: E402
 
 _shared: Shared | None = None
 

@@ -249,7 +249,7 @@ class NodeWorkers:
         from core.resources import class_queues
         self.platform, self.procs = platform, {}
         self.env = dict(platform.env, REFINERY_WORKER_CLASSES="cpu-n2", REFINERY_WORKER_ADDRESS="127.0.0.1",
-                        REFINERY_NODES_JOIN_SECONDS="30")
+                        REFINERY_NODES_JOIN_SECONDS="15")
         self.args = worker_args(",".join(class_queues(self.env["REFINERY_QUEUE"], "cpu-n2")))
 
     def start(self, name: str) -> None:
@@ -272,8 +272,9 @@ class NodeWorkers:
         """The name of the process whose worker id (host:pid) is `worker`."""
         return next(name for name, proc in self.procs.items() if worker.endswith(f":{proc.pid}"))
 
-    def stop(self) -> None:
-        for proc in self.procs.values():
+    def stop(self, *names: str) -> None:
+        for name in names or list(self.procs):
+            proc = self.procs[name]
             if proc.poll() is None:
                 proc.terminate()
                 try:
@@ -341,3 +342,23 @@ def test_a_killed_node_requeues_the_attempt_and_the_next_resumes(platform, node_
     assert [e["attempt"] for e in again] == [1, 2] and again[1]["data"]["nodes"] == 2
     assert not _alive(ranks[1]["pid"])
     assert job["result"]["metrics"]["accuracy"] > 0.85
+
+
+def test_a_node_that_does_not_join_hands_the_attempt_back_and_the_job_runs_once_one_does(platform, node_workers):
+    """One cpu-n2 worker alone: its rendezvous waits REFINERY_NODES_JOIN_SECONDS (15 s here) for the second node,
+    then the attempt is handed back (no hang, no lost job); once a second worker serves the class, the job runs."""
+    node_workers.stop("node-b")
+    job = platform.submit(train_spec(TWO_NODES))
+    deadline = time.time() + 60
+    while not of_type(platform.events(job["id"]), "job.nodes_missing"):
+        assert time.time() < deadline and platform.job(job["id"])["status"] in ("queued", "running"), \
+            node_workers.logs()
+        time.sleep(0.3)
+    missing = of_type(platform.events(job["id"]), "job.nodes_missing")[0]
+    assert missing["attempt"] == 1 and missing["data"] == {"joined": 1, "nodes": 2}, missing
+    node_workers.start("node-b")
+    job = platform.wait(job["id"], timeout=90)
+    assert job["status"] == "succeeded", (job.get("error"), node_workers.logs())
+    events = platform.events(job["id"])
+    assert job["attempt"] >= 2 and of_type(events, "job.requeued")
+    assert of_type(events, "distributed.started")[-1]["data"]["nodes"] == 2

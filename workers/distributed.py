@@ -277,8 +277,8 @@ class Control:
                                  timeout=timedelta(seconds=30)))
 
     @classmethod
-    def join(cls, host: str, port: int) -> "Control":
-        return cls(dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=30)))
+    def join(cls, host: str, port: int, connect_seconds: float = 30) -> "Control":
+        return cls(dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=connect_seconds)))
 
     @property
     def port(self) -> int:
@@ -559,14 +559,17 @@ def join(job_id: str, attempt_no: int, endpoint: str, leader: str, control_port:
     settings = get_settings()
     with transaction(settings.database_url, readonly=True) as session:
         job = get_job(session, job_id)
-        current = job is not None and job.status == "running" and job.attempt == attempt_no
+        # Still this attempt, still leased (a leader that gave up has handed its lease back), and not led by this
+        # worker (the leader may take a join message of its own once its attempt ended).
+        current = (job is not None and job.status == "running" and job.attempt == attempt_no
+                   and (job.lease_expires_at or 0) > time.time() and job.worker != worker_name())
         resources = JobSpec.model_validate(job.spec).resources if current else None
     if resources is None:
         log.info("job %s attempt %s is not running any more; dropping its join message", job_id, attempt_no)
         return "skipped"
     try:
         require_devices(resources)
-        control = Control.join(leader, control_port)
+        control = Control.join(leader, control_port, connect_seconds=10)
     except (JobFailure, RuntimeError) as exc:  # too few devices here, or the leader is gone: it times out alone
         log.warning("job %s attempt %s: not joining (%s)", job_id, attempt_no, exc)
         return "skipped"
