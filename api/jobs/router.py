@@ -17,6 +17,7 @@ from core.broker import publish_job
 from core.spec import JobSpec
 from db import worker_registry
 from db.lifecycle import TERMINAL, request_cancel
+from db.models import Job
 from db.repositories import events as event_repo
 from db.repositories import jobs as job_repo
 from db.repositories.outbox import mark_published
@@ -33,18 +34,19 @@ def create_job(spec: JobSpec, project_id: ProjectId, session: SessionDep, settin
     job, created = service.create_job(session, settings, project_id, spec, key)
     session.commit()
     if created:
-        publish_after_commit(session, job.id)
+        publish_after_commit(session, job)
     else:
         response.headers["Idempotent-Replayed"] = "true"
     return JobObject.of(job, worker_registry.waiting_for(settings.database_url, job))
 
 
-def publish_after_commit(session: Session, job_id: str) -> None:
-    """Wake a worker for a committed job. If the broker is down the outbox row stays and the dispatcher sweep
-    retries, so a failure here loses nothing. Shared with the dashboard's new-job form."""
+def publish_after_commit(session: Session, job: Job) -> None:
+    """Wake a worker for a committed job (its attributes outlive the commit: expire_on_commit is off, so no second
+    read). If the broker is down the outbox row stays and the dispatcher sweep retries, so a failure here loses
+    nothing. Shared with the dashboard's new-job form."""
     try:
-        publish_job(job_id, job_repo.get_job(session, job_id).resource_class)
-        mark_published(session, job_id)
+        publish_job(job.id, job.resource_class)
+        mark_published(session, job.id)
         session.commit()
     except Exception:
         session.rollback()

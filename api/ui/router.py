@@ -145,7 +145,7 @@ def submit_job(request: Request, project_id: UiProjectId, session: SessionDep, s
         method, algorithm = service.pick_algorithm(method or None, algorithm or None)
         return _new_job_page(request, method, algorithm, spec, problem)
     session.commit()
-    publish_after_commit(session, job.id)
+    publish_after_commit(session, job)
     target = f"/ui/jobs/{job.id}"
     if is_htmx(request):
         return Response(status_code=204, headers={"HX-Redirect": target})

@@ -14,7 +14,9 @@ from workers.models.onnx_export import onnx_session
 
 WARMUP_RUNS = 3
 MIN_RUNS = 5
-MAX_RUNS = 100
+# 30, not 100: a median of 30 timed runs is steady to a few percent, and a small model's 3 settings × 100 runs were
+# ~60 ms of a short job's ~140 ms after training (bench P1).
+MAX_RUNS = 30
 SECONDS_PER_SETTING = 0.25
 LARGE_BATCH = 64
 
