@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from bench.unlearn_klom import RESULTS, SEED, builtin_split, cached_attribution, forget_mask  # noqa: E402
 from core.methods.train import TrainParams  # noqa: E402
@@ -54,7 +55,7 @@ def _train(job: tuple[str, int, str]) -> tuple[str, int, np.ndarray, np.ndarray,
                       torch.from_numpy(s.test.x).float(), torch.from_numpy(s.test.y).long(), seed)
     model = run_to_end(fitting, Deadline(s.deadline))
     if role == "original":
-        torch.save(model.state_dict(), path)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
     return (role, seed, *_logits(model, s), time.perf_counter() - started)
 
 
@@ -62,7 +63,7 @@ def _unlearn(job: tuple[int, str]) -> tuple[np.ndarray, np.ndarray, float]:
     seed, path = job
     s = _shared
     model = fresh_model(s.recipe, s.train, seed)
-    model.load_state_dict(torch.load(path))
+    model.load_state_dict(load_file(path))
     model.eval()
     started = time.perf_counter()
     unlearned = unlearn(model, s, seed, Deadline(s.deadline))
@@ -76,7 +77,7 @@ def pool(shared: Shared):
 def trained_models(shared: Shared, k: int, cache: Path) -> tuple[list[Trained], list[Trained], list[str]]:
     """The K originals and 2K oracles the evaluation compares, trained once per cache directory."""
     store = cache / "models.npz"
-    paths = [str(cache / f"original-{i}.pt") for i in range(k)]
+    paths = [str(cache / f"original-{i}.safetensors") for i in range(k)]
     if not store.exists():
         jobs = [job for i in range(k) for job in (("original", seed_for("original", SEED, i), paths[i]),
                                                   ("oracle", seed_for("oracle", SEED, 2 * i), ""),

@@ -19,6 +19,10 @@ def _batch_bounds(value):
     return value
 
 
+# What dmm / oracle_matching update.
+MatchLayers = Annotated[Literal["all", "head"], Field(description="what matching updates: every layer, or only the "
+                                                      "output layer (the rest of the model stays as trained)")]
+
 # Rows per step; "auto" is the `train` rule, min(64, max(8, rows // 16)).
 BatchSize = Annotated[int | Literal["auto"], AfterValidator(_batch_bounds)]
 
@@ -84,8 +88,7 @@ class DmmParams(Params):
     trak_dtype: Literal["auto", "float32", "float16"] = Field(
         default="auto", description="how TRAK's features are stored (bytes × trak_models × rows × trak_width): auto is "
         "float16 when float32 would pass 256 MiB")
-    layers: Literal["all", "head"] = Field(default="all", description="what matching updates: every layer, or only "
-                                          "the output layer (the rest of the model stays as trained)")
+    layers: MatchLayers = "all"
 
 
 class OracleMatchingParams(Params):
@@ -99,8 +102,7 @@ class OracleMatchingParams(Params):
     min_retain_rows: int = Field(default=256, ge=0, le=1_000_000, description="retain rows matched at least (when "
                                  "the retain set has them): a small request matched on few rows moves the rest of "
                                  "the model unchecked")
-    layers: Literal["all", "head"] = Field(default="all", description="what matching updates: every layer, or only "
-                                          "the output layer (the rest of the model stays as trained)")
+    layers: MatchLayers = "all"
 
 
 def check_spec(spec: JobSpec) -> None:
