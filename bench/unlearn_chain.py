@@ -1,4 +1,4 @@
-"""Deletion requests as a stream on digits (MLP 64-128-10, the train recipe's defaults): dmm unlearns 5 chained
+"""Deletion requests as a stream (by default digits, MLP 64-128-10, the train recipe's defaults): dmm unlearns 5 chained
 requests of 2 % of the training rows each (disjoint, random), every request starting from the model the previous one
 produced, with one datamodel fitted once on the first model. After 1, 3 and 5 requests, KLoM95 on forget / retain /
 test of K originals that each replayed the chain (workers/unlearning/chain.py, what `evaluate.oracles` runs for a
@@ -7,6 +7,11 @@ do-nothing original. Runs the workers' own code in process, not through the API.
 
     .venv/bin/python bench/unlearn_chain.py --k 16          # about 10 min on 2 shared cores
     .venv/bin/python bench/unlearn_chain.py --k 32 --attribution-models 192
+    .venv/bin/python bench/unlearn_chain.py --dataset mnist5k --arch cnn --epochs 15 --k 8 --requests 3 \
+        --attribution-models 64 --attribution-cache /tmp/sweep-cnn/attribution.npz --out unlearn_chain_cnn.json
+
+The attribution cache is bench/unlearn_klom.py's format, so bench/unlearn_sweep.py's `--cache DIR/attribution.npz`
+for the same dataset and recipe serves here too.
 
 Writes bench/results/unlearn_chain.json (or --out NAME under bench/results/)."""
 import argparse
@@ -22,27 +27,30 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from bench.unlearn_klom import digits  # noqa: E402
+from bench.unlearn_klom import builtin_split, cached_attribution  # noqa: E402
 from core.methods.train import TrainParams  # noqa: E402
 from workers.methods.unlearn import rows_to_match  # noqa: E402
 from workers.unlearning.algorithms import PARAMS  # noqa: E402
-from workers.unlearning.attribution import Fitted, fit_attribution  # noqa: E402
+from workers.unlearning.attribution import Size  # noqa: E402
 from workers.unlearning.chain import Step, evaluate_chain  # noqa: E402
 from workers.unlearning.ensemble import Shared  # noqa: E402
 from workers.unlearning.fitting import Recipe  # noqa: E402
+from workers.unlearning.trak import feature_dtype  # noqa: E402
 
 SEED = 0
 SHARE = 0.02
 RESULTS = ROOT / "bench" / "results"
 
 
-def run(k: int, lengths: list[int], attribution_models: int, out: Path, overrides: dict, cache: Path | None) -> dict:
-    train, test = digits()
-    recipe = Recipe("mlp", {"hidden": [128]}, TrainParams())
+def run(k: int, lengths: list[int], attribution_models: int, out: Path, overrides: dict, cache: Path | None,
+        dataset: str = "digits", recipe: Recipe | None = None) -> dict:
+    train, test = builtin_split(dataset)
+    recipe = recipe or Recipe("mlp", {"hidden": [128]}, TrainParams())
     deadline = time.time() + 24 * 3600
     base = Shared(train, test, np.zeros(len(train), dtype=bool), recipe, deadline)
     started = time.perf_counter()
-    attribution, attribution_seconds = cached_attribution(base, attribution_models, cache)
+    size = Size(attribution_models, 256, 16, feature_dtype("auto", len(train), 256, 16))
+    attribution, attribution_seconds = cached_attribution(base, size, cache)
     print(f"datamodel of the first model: {attribution_models} subset models in {attribution_seconds:.1f} s "
           "(once for the whole chain)", flush=True)
     size = round(SHARE * len(train))
@@ -56,8 +64,9 @@ def run(k: int, lengths: list[int], attribution_models: int, out: Path, override
         match = rows_to_match(forget, params, SEED)
         shift = attribution.predicted_shift(train.y, forget, len(train.classes))[match]
         steps.append(Step("dmm", params.model_dump(mode="json"), forget, match, shift))
-    results = {"setting": {"data": f"sklearn digits, {len(train)} train / {len(test)} test rows",
-                           "model": "mlp hidden [128]", "recipe": recipe.params.model_dump(mode="json"),
+    results = {"setting": {"data": f"builtin://{dataset}, {len(train)} train / {len(test)} test rows",
+                           "model": f"{recipe.arch} {json.dumps(recipe.args)}",
+                           "recipe": recipe.params.model_dump(mode="json"),
                            "requests": f"disjoint random {SHARE:.0%} of training rows ({size} rows) each, "
                                        "numpy default_rng(1) permutation",
                            "algorithm": "dmm", "params": params.model_dump(mode="json"), "k": k,
@@ -80,22 +89,6 @@ def run(k: int, lengths: list[int], attribution_models: int, out: Path, override
     return results
 
 
-def cached_attribution(base: Shared, models: int, cache: Path | None) -> tuple[Fitted, float]:
-    """The first model's datamodel; with `cache`, kept there between runs of this bench (same data, seed, models)."""
-    if cache is not None and cache.exists():
-        with np.load(cache) as stored:
-            fitted = Fitted(*(stored[name] for name in ARRAYS), float(stored["kappa"]), float(stored["scale"]))
-            return fitted, float(stored["seconds"])
-    fitted, seconds = fit_attribution(base, models, lambda done: None)
-    if cache is not None:
-        np.savez(cache, **{name: getattr(fitted, name) for name in ARRAYS}, kappa=fitted.kappa,
-                 scale=fitted.pairwise_scale, seconds=seconds)
-    return fitted, seconds
-
-
-ARRAYS = ("coefficients", "whitened", "q", "size", "own")
-
-
 def print_row(row: dict) -> None:
     def cell(name: str) -> str:
         entry = row["klom95"][name]
@@ -109,6 +102,10 @@ def print_row(row: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=["digits", "mnist5k"], default="digits")
+    parser.add_argument("--arch", default="mlp", help="a registry architecture: mlp, cnn, resnet20")
+    parser.add_argument("--arch-args", type=json.loads, help='its args as JSON (mlp default: {"hidden": [128]})')
+    parser.add_argument("--epochs", type=int, help="the original training recipe's epochs (default: train's 30)")
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--requests", type=int, nargs="+", default=[1, 3, 5])
     parser.add_argument("--attribution-models", type=int, default=PARAMS["dmm"]().attribution_models)
@@ -123,8 +120,10 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     overrides = {name: value for name, value in (("retain_multiple", args.retain_multiple),
                                                  ("min_retain_rows", args.min_retain_rows)) if value is not None}
+    arch_args = args.arch_args if args.arch_args is not None else ({"hidden": [128]} if args.arch == "mlp" else {})
+    recipe = Recipe(args.arch, arch_args, TrainParams(**({"epochs": args.epochs} if args.epochs else {})))
     run(args.k, args.requests, args.attribution_models, RESULTS / Path(args.out).name, overrides,
-        args.attribution_cache)
+        args.attribution_cache, args.dataset, recipe)
 
 
 if __name__ == "__main__":
