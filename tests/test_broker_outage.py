@@ -8,8 +8,12 @@ import uuid
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from bench.services import REDIS_SERVER, PrivateRedis
+from db.models import Job, OutboxMessage
+from db.repositories import outbox
+from db.session import transaction
 from tests.conftest import REDIS_URL, ROOT, TOKEN, Platform, free_port, fresh_database
 from workers.watchdog import EXIT_STALLED, Watchdog, redis_queue_depth
 
@@ -37,6 +41,21 @@ def outage_platform(tmp_path_factory):
             redis.kill()
 
 
+def test_a_created_job_is_booked_as_dispatched_once_and_its_outbox_row_marked(outage_platform):
+    """The create path publishes after its commit and marks only the outbox row (the job row counts that publish
+    from its insert), so a worker claiming the job never waits on the API; the sweep's backoff starts from it."""
+    platform, _redis = outage_platform
+    job = platform.submit({"method": "train", "dataset": {"uri": "builtin://iris"}, "params": {"epochs": 1},
+                           "budget": {"max_seconds": 60}})
+    assert platform.wait(job["id"])["status"] == "succeeded"
+    with transaction(platform.env["REFINERY_DATABASE_URL"]) as session:
+        row = session.get(Job, job["id"])
+        message = session.scalar(select(OutboxMessage).where(OutboxMessage.job_id == job["id"]))
+        assert row.dispatches == 1 and row.last_dispatched_at == pytest.approx(job["created_at"])
+        assert row.next_dispatch_at == pytest.approx(job["created_at"] + 3)  # REFINERY_REDISPATCH_SECONDS
+        assert message.published_at is not None and message.published_at >= job["created_at"]
+
+
 def test_jobs_submitted_while_the_broker_is_down_run_when_it_returns(outage_platform):
     platform, redis = outage_platform
     redis.kill()
@@ -45,6 +64,8 @@ def test_jobs_submitted_while_the_broker_is_down_run_when_it_returns(outage_plat
                             "budget": {"max_seconds": 60}, "seed": i})["id"] for i in range(3)]
     time.sleep(2)
     assert all(platform.job(i)["status"] == "queued" for i in ids)
+    with transaction(platform.env["REFINERY_DATABASE_URL"]) as session:  # the failed publishes left them pending
+        assert {job_id for job_id, _ in outbox.pending_jobs(session)} >= set(ids)
     redis.start()  # a new, empty Redis: every message published before is gone
     for job_id in ids:
         done = platform.wait(job_id, timeout=180)

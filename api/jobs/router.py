@@ -20,7 +20,7 @@ from db.lifecycle import TERMINAL, request_cancel
 from db.models import Job
 from db.repositories import events as event_repo
 from db.repositories import jobs as job_repo
-from db.repositories.outbox import mark_published
+from db.repositories.outbox import mark_sent
 from db.session import get_sessionmaker
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_ERRORS)
@@ -46,7 +46,7 @@ def publish_after_commit(session: Session, job: Job) -> None:
     nothing. Shared with the dashboard's new-job form."""
     try:
         publish_job(job.id, job.resource_class)
-        mark_published(session, job.id)
+        mark_sent(session, job.id)
         session.commit()
     except Exception:
         session.rollback()

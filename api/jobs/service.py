@@ -1,4 +1,5 @@
 """Job rules: validate a spec against the catalog and the server's limits, create it idempotently, cancel it."""
+import contextlib
 import time
 
 from pydantic import ValidationError
@@ -62,12 +63,18 @@ def create_job(session: Session, settings: Settings, project_id: str, spec: JobS
         replay = _replay(session, project_id, key, digest)
         if replay is not None:
             return replay, False
+    now = time.time()
+    # The publish that follows the commit (api/jobs/router.publish_after_commit) is booked here as the first
+    # dispatch, so it need not touch this row again while a worker may be claiming it; if that publish fails, the
+    # outbox row stays pending and the sweep publishes the job within a second.
     job = Job(id=new_id("job"), project_id=project_id, status="queued", method=data["method"],
-              algorithm=data["algorithm"], spec=data, metadata_=data.get("metadata", {}), created_at=time.time(),
+              algorithm=data["algorithm"], spec=data, metadata_=data.get("metadata", {}), created_at=now,
               attempt=1, max_attempts=settings.max_attempts, max_seconds=data["budget"]["max_seconds"],
-              used_seconds=0.0, cancel_requested=False, progress={}, resource_class=resource_class(spec.resources))
+              used_seconds=0.0, cancel_requested=False, progress={}, resource_class=resource_class(spec.resources),
+              last_dispatched_at=now, dispatches=1, next_dispatch_at=now + settings.redispatch_seconds)
     try:
-        with session.begin_nested():
+        # A savepoint only where a concurrent request with the same Idempotency-Key can collide with this insert.
+        with session.begin_nested() if key is not None else contextlib.nullcontext():
             insert_job(session, job)
             add_event(session, job.id, 1, "job.created", f"Job created: {job.method}/{job.algorithm}.")
             enqueue_job_event(session, job.id, project_id, "job.queued")

@@ -2,7 +2,7 @@
 pick of queued jobs due for another publish (jobs.next_dispatch_at, set at each publish)."""
 import time
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, func, select, text, update
 from sqlalchemy.orm import Session
 
 from core.settings import get_settings
@@ -44,6 +44,17 @@ def mark_published(session: Session, job_id: str, every: float | None = None, ca
     session.execute(update(Job).where(Job.id == job_id)
                     .values(last_dispatched_at=now, next_dispatch_at=now + redispatch_wait(every, cap),
                             dispatches=Job.dispatches + 1))
+
+
+def mark_sent(session: Session, job_id: str) -> None:
+    """The API's publish right after a create: only the outbox row, since the job row already counts this publish
+    (api/jobs/service.create_job books it at insert). It leaves the job row alone so a worker claiming the job at
+    that moment never waits on its lock, and on Postgres it commits without waiting for the WAL flush: a mark lost
+    in a crash only means the sweep publishes the job once more, and a duplicate delivery is dropped at claim."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+    session.execute(update(OutboxMessage).where(OutboxMessage.job_id == job_id, OutboxMessage.published_at.is_(None))
+                    .values(published_at=time.time()))
 
 
 def stale_queued_jobs(session: Session, now: float, limit: int = 100) -> list[tuple[str, str]]:
