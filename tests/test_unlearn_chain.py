@@ -182,6 +182,10 @@ def test_dmm_chain_reuses_the_first_models_attribution(platform, digits, trained
     assert fitted["attribution"]["reused"] is False and fitted["attribution"]["fitted_by"] == first["id"]
     assert reused["attribution"]["reused"] is True and reused["attribution"]["fitted_by"] == first["id"]
     assert reused["attribution"]["key"] == fitted["attribution"]["key"]
+    # lr "auto" is reported with the rate it resolved to: the dense one on this MLP, in the report and certificate.
+    assert reused["unlearning"]["params"]["lr"] == "auto" and reused["unlearning"]["params"]["lr_used"] == 2e-3
+    certified = json.loads(artifact(platform, second, "certificate.json"))["certificate"]["algorithm"]["params"]
+    assert certified["lr"] == "auto" and certified["lr_used"] == 2e-3
     assert reused["attribution"]["one_time_seconds"] is None and "one_time_attribution_seconds" not in reused["cost"]
     names = [a["name"] for a in platform.http.get(f"/v1/jobs/{second['id']}/artifacts").json()["data"]]
     assert not any(name.startswith("attribution-") for name in names) and "certificate.json" in names

@@ -30,6 +30,7 @@ from workers.unlearning.algorithms import (
     build_loop,
     make_rows,
     match_rows,
+    matching_lr,
     matching_targets,
     retrain_params,
 )
@@ -178,8 +179,7 @@ class Unlearning:
                 "training_set": {**chain["training_set"], "test_rows_from": d.test_source},
                 "forget_set": {**{k: d.audit[k] for k in ("size", "sha256", "rows_sha256", "hash_recipe")},
                                "requests": len(d.requests), "file_rows": d.forget_file_rows.tolist()},
-                "algorithm": {"name": self.algorithm, "params": self.p.model_dump(mode="json"),
-                              "seed": run.spec.seed},
+                "algorithm": {"name": self.algorithm, "params": self._params(), "seed": run.spec.seed},
                 "evaluation": {"accuracy": accuracy,
                                "mia_auc": {"original": before.get("mia_auc"),
                                            "unlearned": scores["unlearned"].get("mia_auc")},
@@ -421,9 +421,16 @@ class Unlearning:
             rows.append({"name": f"retrained oracles, mean of {k}", **_scored(models["oracle"])})
         return rows
 
+    def _params(self) -> dict[str, Any]:
+        """The algorithm's params as the job ran them: as given, plus `lr_used` where lr was "auto"."""
+        params = self.p.model_dump(mode="json")
+        if params.get("lr") == "auto":
+            params["lr_used"] = matching_lr("auto", self.model)
+        return params
+
     def _summary(self) -> dict[str, Any]:
         d = self.data
-        return {"algorithm": self.algorithm, "params": self.p.model_dump(mode="json"), "epochs_run": self.epoch,
+        return {"algorithm": self.algorithm, "params": self._params(), "epochs_run": self.epoch,
                 "steps": self.step, "training_rows": len(d.train), "forget_rows": int(d.forget.sum()),
                 "retain_rows": int((~d.forget).sum()), "test_rows": len(d.test), "test_rows_from": d.test_source,
                 "forget_class": d.forget_class}
