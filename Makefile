@@ -8,12 +8,13 @@ export OMP_NUM_THREADS ?= 1
 
 .PHONY: serve test install lint bench bench-quick bench-gpu clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU wheel (a local file on these machines) rather than a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[test]'
+	# numpy, scikit-learn and scipy at the versions the unlearning tests were measured on (constraints.txt).
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -206,7 +206,9 @@ def test_dockerfile(name):
     for package in top_level_packages():
         assert package in copied, f"{path.name} does not COPY {package}/"
     text = path.read_text()
-    assert re.search(r'pip install (--python \S+ )?"\.\[s3\]"', text), "images need the s3 extra (s3fs)"
+    assert re.search(r'pip install (--python \S+ )?-c constraints\.txt "\.\[s3\]"', text), \
+        "images need the s3 extra (s3fs), installed under constraints.txt (the tested numpy/scikit-learn)"
+    assert "constraints.txt" in copied
     final = instructions[max(i for i, (k, _) in enumerate(instructions) if k == "FROM"):]
     users = [rest for k, rest in final if k == "USER"]
     assert users and users[-1].split(":")[0] not in {"root", "0"}, f"{path.name}: final stage must run as non-root"
