@@ -137,7 +137,7 @@ def main() -> None:
         for t, (train_logits, test_logits, seconds) in zip(originals, done, strict=True):
             t.unlearned_train_logits, t.unlearned_test_logits, t.unlearn_seconds = train_logits, test_logits, seconds
         report = klom_report(run, args.k, originals, oracles, forget_class)
-        row = {"variant": variant, "klom95": report["klom95"], "unlearned": report["models"]["unlearned"],
+        row = {"variant": variant, "klom95": report["klom95"], **report["models"],
                "seconds": round(time.perf_counter() - started, 1)}
         results["runs"].append(row)
         cells = " ".join(f"{name} {v['unlearned']:.2f} ({v['floor']:.2f}|{v['original']:.2f})"
