@@ -27,15 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from bench.unlearn_klom import builtin_split, cached_attribution  # noqa: E402
+from bench.unlearn_klom import attribution_size, builtin_split, cached_attribution, recipe_from_args  # noqa: E402
 from core.methods.train import TrainParams  # noqa: E402
 from workers.methods.unlearn import rows_to_match  # noqa: E402
 from workers.unlearning.algorithms import PARAMS  # noqa: E402
-from workers.unlearning.attribution import Size  # noqa: E402
 from workers.unlearning.chain import Step, evaluate_chain  # noqa: E402
 from workers.unlearning.ensemble import Shared  # noqa: E402
 from workers.unlearning.fitting import Recipe  # noqa: E402
-from workers.unlearning.trak import feature_dtype  # noqa: E402
 
 SEED = 0
 SHARE = 0.02
@@ -49,8 +47,7 @@ def run(k: int, lengths: list[int], attribution_models: int, out: Path, override
     deadline = time.time() + 24 * 3600
     base = Shared(train, test, np.zeros(len(train), dtype=bool), recipe, deadline)
     started = time.perf_counter()
-    size = Size(attribution_models, 256, 16, feature_dtype("auto", len(train), 256, 16))
-    attribution, attribution_seconds = cached_attribution(base, size, cache)
+    attribution, attribution_seconds = cached_attribution(base, attribution_size(attribution_models, len(train)), cache)
     print(f"datamodel of the first model: {attribution_models} subset models in {attribution_seconds:.1f} s "
           "(once for the whole chain)", flush=True)
     size = round(SHARE * len(train))
@@ -120,10 +117,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     overrides = {name: value for name, value in (("retain_multiple", args.retain_multiple),
                                                  ("min_retain_rows", args.min_retain_rows)) if value is not None}
-    arch_args = args.arch_args if args.arch_args is not None else ({"hidden": [128]} if args.arch == "mlp" else {})
-    recipe = Recipe(args.arch, arch_args, TrainParams(**({"epochs": args.epochs} if args.epochs else {})))
     run(args.k, args.requests, args.attribution_models, RESULTS / Path(args.out).name, overrides,
-        args.attribution_cache, args.dataset, recipe)
+        args.attribution_cache, args.dataset, recipe_from_args(args.arch, args.arch_args, args.epochs))
 
 
 if __name__ == "__main__":

@@ -187,13 +187,22 @@ def main() -> None:
     print("KLoM95 cells: unlearned (oracle-vs-oracle floor | do-nothing original); cost = unlearning seconds / "
           "retrain seconds, single thread\n" + HEADER, flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    arch_args = args.arch_args if args.arch_args is not None else ({"hidden": [128]} if args.arch == "mlp" else {})
-    params = TrainParams(epochs=args.epochs) if args.epochs else TrainParams()
     rows = len(builtin_split(args.dataset)[0])
-    size = Size(args.attribution_models, args.trak_width, args.trak_models,
-                feature_dtype(args.trak_dtype, rows, args.trak_width, args.trak_models))
+    size = attribution_size(args.attribution_models, rows, args.trak_width, args.trak_models, args.trak_dtype)
     run(args.k, args.scenario, args.algorithm, size, RESULTS / Path(args.out).name, args.forget_seed, args.attribution_cache, args.dataset,
-        Recipe(args.arch, arch_args, params), args.params)
+        recipe_from_args(args.arch, args.arch_args, args.epochs), args.params)
+
+
+def recipe_from_args(arch: str, arch_args: dict | None, epochs: int | None) -> Recipe:
+    """The original model's recipe from the benches' --arch / --arch-args / --epochs (the MLP 64-128-10 by default)."""
+    if arch_args is None:
+        arch_args = {"hidden": [128]} if arch == "mlp" else {}
+    return Recipe(arch, arch_args, TrainParams(epochs=epochs) if epochs else TrainParams())
+
+
+def attribution_size(models: int, rows: int, width: int = 256, trak_models: int = 16, dtype: str = "auto") -> Size:
+    """The datamodel's size as the benches fit it (dmm's TRAK width and models by default)."""
+    return Size(models, width, trak_models, feature_dtype(dtype, rows, width, trak_models))
 
 
 if __name__ == "__main__":

@@ -25,14 +25,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from bench.unlearn_klom import RESULTS, SEED, builtin_split, cached_attribution, forget_mask  # noqa: E402
+from bench.unlearn_klom import RESULTS, SEED, attribution_size, builtin_split, cached_attribution, forget_mask  # noqa: E402
 from core.methods.train import TrainParams  # noqa: E402
 from workers.unlearning.algorithms import PARAMS, match_rows  # noqa: E402
-from workers.unlearning.attribution import Size  # noqa: E402
 from workers.unlearning.ensemble import Shared, Trained, _logits, unlearn, usable_cpus  # noqa: E402
 from workers.unlearning.fitting import Deadline, Fitting, Recipe, fresh_model, run_to_end  # noqa: E402
 from workers.unlearning.oracles import klom_report, seed_for  # noqa: E402
-from workers.unlearning.trak import feature_dtype  # noqa: E402
 
 _shared: Shared | None = None
 
@@ -114,8 +112,8 @@ def main() -> None:
     recipe = Recipe(args.arch, args.arch_args, TrainParams(epochs=args.epochs))
     base = Shared(train, test, np.zeros(len(train), dtype=bool), recipe, time.time() + 24 * 3600)
     args.cache.mkdir(parents=True, exist_ok=True)
-    size = Size(args.attribution_models, 256, 16, feature_dtype("auto", len(train), 256, 16))
-    fitted, seconds = cached_attribution(base, size, args.cache / "attribution.npz")
+    fitted, seconds = cached_attribution(base, attribution_size(args.attribution_models, len(train)),
+                                         args.cache / "attribution.npz")
     print(f"attribution: {seconds:.0f} s", flush=True)
     forget, forget_class = forget_mask(train, args.scenario)
     shared = replace(base, forget=forget)

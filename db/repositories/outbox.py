@@ -39,8 +39,7 @@ def mark_published(session: Session, job_id: str, every: float | None = None, ca
         settings = get_settings()
         every, cap = settings.redispatch_seconds, settings.redispatch_max_seconds
     now = time.time()
-    session.execute(update(OutboxMessage).where(OutboxMessage.job_id == job_id, OutboxMessage.published_at.is_(None))
-                    .values(published_at=now))
+    _mark_outbox(session, job_id, now)
     session.execute(update(Job).where(Job.id == job_id)
                     .values(last_dispatched_at=now, next_dispatch_at=now + redispatch_wait(every, cap),
                             dispatches=Job.dispatches + 1))
@@ -53,8 +52,12 @@ def mark_sent(session: Session, job_id: str) -> None:
     in a crash only means the sweep publishes the job once more, and a duplicate delivery is dropped at claim."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+    _mark_outbox(session, job_id, time.time())
+
+
+def _mark_outbox(session: Session, job_id: str, now: float) -> None:
     session.execute(update(OutboxMessage).where(OutboxMessage.job_id == job_id, OutboxMessage.published_at.is_(None))
-                    .values(published_at=time.time()))
+                    .values(published_at=now))
 
 
 def stale_queued_jobs(session: Session, now: float, limit: int = 100) -> list[tuple[str, str]]:
